@@ -1,0 +1,34 @@
+# make test  - create .venv if absent, install torch + build fastdistill, run the tests
+# make demo  - same setup, then run the end-to-end demo
+# make bench - same setup, then print the benchmark table
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+# nvcc on PATH may point at the wrong lib dir; the toolkit lives here on the dev and CI machines.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/.torch-installed:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	touch $@
+
+setup: $(VENV)/.torch-installed
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+
+test: setup
+	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest benchmarks -q --benchmark-disable
+
+demo: setup
+	$(VENV)/bin/fastdistill demo
+
+bench: setup
+	$(VENV)/bin/fastdistill bench
+
+clean:
+	rm -rf build fastdistill/*.so *.egg-info

@@ -1,0 +1,111 @@
+#include "cpu/cpu_isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace fastdistill::cpu {
+namespace {
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.f16c = __builtin_cpu_supports("f16c");
+  f.bmi2 = __builtin_cpu_supports("bmi2");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
+  f.avx512dq = __builtin_cpu_supports("avx512dq");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+  f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
+  f.avxvnni = __builtin_cpu_supports("avxvnni");
+#endif
+  return f;
+}
+
+bool supports(CpuIsa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case CpuIsa::scalar: return true;
+    case CpuIsa::avx2: return f.avx2 && f.fma && f.f16c && f.bmi2;
+    case CpuIsa::avx512: return supports(CpuIsa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  }
+  return false;
+}
+
+CpuIsa parse(const std::string& name, const char* origin) {
+  if (name == "scalar") return CpuIsa::scalar;
+  if (name == "avx2") return CpuIsa::avx2;
+  if (name == "avx512") return CpuIsa::avx512;
+  throw std::invalid_argument(std::string("fastdistill: ") + origin +
+                              " must be one of auto, avx512, avx2, scalar; got '" + name + "'");
+}
+
+CpuIsa checked(CpuIsa isa, const char* origin) {
+  if (!supports(isa))
+    throw std::runtime_error(std::string("fastdistill: ") + origin + " asks for the " + isa_name(isa) +
+                             " path, which this CPU cannot run (best available: " +
+                             isa_name(best_supported_isa()) + ")");
+  return isa;
+}
+
+CpuIsa from_env() {
+  const char* env = std::getenv("FASTDISTILL_CPU_ISA");
+  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return best_supported_isa();
+  return checked(parse(env, "FASTDISTILL_CPU_ISA"), "FASTDISTILL_CPU_ISA");
+}
+
+std::atomic<int> g_isa{-1};
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = detect();
+  return features;
+}
+
+CpuIsa best_supported_isa() {
+  for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2})
+    if (supports(isa)) return isa;
+  return CpuIsa::scalar;
+}
+
+CpuIsa active_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = static_cast<int>(from_env());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<CpuIsa>(v);
+}
+
+void set_cpu_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa.store(static_cast<int>(from_env()), std::memory_order_relaxed);
+    return;
+  }
+  g_isa.store(static_cast<int>(checked(parse(name, "set_cpu_isa"), "set_cpu_isa")), std::memory_order_relaxed);
+}
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::scalar: return "scalar";
+    case CpuIsa::avx2: return "avx2";
+    case CpuIsa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+std::vector<std::string> compiled_isas() {
+#if defined(__x86_64__)
+  return {"avx512", "avx2", "scalar"};
+#else
+  return {"scalar"};
+#endif
+}
+
+}  // namespace fastdistill::cpu

@@ -1,0 +1,3 @@
+from fastdistill.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""Typed wrappers over torch.ops.fastdistill.*, with fake (shape) kernels and autograd.
+
+Every op is a dispatcher op, so it works under torch.compile(fullgraph=True) and opcheck.
+"""
+import math
+
+import torch
+
+from fastdistill import _ext
+
+_lib_loaded = _ext._C is not None
+
+
+def _rows(x: torch.Tensor):
+    return math.prod(x.shape[:-1])
+
+
+# ---------------------------------------------------------------- fused distillation loss
+def kd_loss_forward(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight):
+    _ext.require("kd_loss_forward", student.device)
+    return torch.ops.fastdistill.kd_loss_forward(
+        student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index),
+        float(soft_coef), float(hard_weight))
+
+
+if _lib_loaded:
+
+    @torch.library.register_fake("fastdistill::kd_loss_forward")
+    def _kd_loss_forward_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
+                              soft_coef, hard_weight):
+        rows = _rows(student)
+        return (student.new_empty((rows,), dtype=torch.float32),
+                student.new_empty((rows, 4), dtype=torch.float32))
+
+    @torch.library.register_fake("fastdistill::kd_loss_backward")
+    def _kd_loss_backward_fake(grad_rows, student, teacher, labels, stats, temperature, divergence, beta,
+                               ignore_index, soft_coef, hard_weight):
+        return student.new_empty(student.shape)
+
+    def _kd_setup_context(ctx, inputs, output):
+        student, teacher, labels, *params = inputs
+        ctx.save_for_backward(student, teacher, labels, output[1])
+        ctx.params = params
+
+    def _kd_backward(ctx, grad_rows, _grad_stats):
+        student, teacher, labels, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastdistill.kd_loss_backward(
+                grad_rows.contiguous(), student, teacher, labels, stats, *ctx.params)
+        return (grad,) + (None,) * 8
+
+    torch.library.register_autograd(
+        "fastdistill::kd_loss_forward", _kd_backward, setup_context=_kd_setup_context)

@@ -1,0 +1,56 @@
+"""Plain-PyTorch reference implementations: the definitions the kernels are tested against
+(run in float64 by the tests) and the eager baselines the benchmarks compare with."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _kl(log_x, log_y):
+    """Row-wise KL(x || y) from log-probabilities; terms with x == 0 contribute 0."""
+    p = log_x.exp()
+    return torch.where(p > 0, p * (log_x - log_y), torch.zeros_like(p)).sum(-1)
+
+
+def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forward_kl", beta=0.5):
+    """Per-row divergence (no T^2 scaling) between softmax(teacher/T) and softmax(student/T)."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        return _kl(log_q, log_p)
+    if divergence != "jsd":
+        raise ValueError(divergence)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def kd_loss_reference(student, teacher, *, temperature=1.0, divergence="forward_kl", beta=0.5,
+                      reduction="batchmean", labels=None, ignore_index=-100, soft_weight=1.0,
+                      hard_weight=0.0, scale_by_t2=True):
+    """The whole kd_loss, written the obvious way (materialises several vocab-sized tensors)."""
+    teacher = teacher.to(student.dtype)
+    t2 = temperature * temperature if scale_by_t2 else 1.0
+    rows = soft_weight * t2 * kd_divergence_reference(student, teacher, temperature, divergence, beta)
+    counted = torch.ones_like(rows, dtype=torch.bool)
+    if labels is not None:
+        counted = labels != ignore_index
+        if hard_weight:
+            safe = torch.where(counted, labels, torch.zeros_like(labels))
+            ce = -F.log_softmax(student, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            rows = rows + hard_weight * ce
+        rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(student.numel(), 1)
+    return rows.sum() / counted.sum().clamp_min(1)
+
+
+def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
+    """What a user writes without fastdistill: forward KL through F.kl_div, batchmean, T^2 scaled."""
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature * temperature
