@@ -1,0 +1,112 @@
+"""Timing, cold-cache weight rotation and machine limits, shared by every benchmark family."""
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark row: fastdistill's callable and the baselines a user would pick instead."""
+
+    family: str                       # "kd" | "int8" | "sparse"
+    op: str                           # e.g. "kd_loss fwd+bwd", "int8_linear"
+    shape: str                        # human-readable, e.g. "M=1 K=4096 N=4096"
+    dtype: str
+    run: Callable[[], object]         # fastdistill
+    baselines: Dict[str, Callable[[], object]]
+    bytes: float = 0.0                # minimum bytes that must move per call (memory floor)
+    flops: float = 0.0                # (dense-equivalent) FLOPs or int OPs per call
+    cold: bool = False                # weights rotate through >= 64 MB of copies
+    peak_kind: str = "fp32"           # which compute roofline applies: fp32 | int8
+    note: str = ""
+    extra: Dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. peak memory
+
+
+def sync(device: str = "cpu"):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0,
+            device: str = "cpu") -> List[float]:
+    """Seconds per call for `repeats` timed calls (after warm-up). Each sample is one call unless the
+    call is shorter than min_time, in which case a sample averages enough back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    inner = 1
+    if min_time > 0:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        inner = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def summarize(samples: List[float]) -> Dict[str, float]:
+    med = statistics.median(samples)
+    return {"median": med, "min": min(samples), "spread": (max(samples) - min(samples)) / med if med else 0.0}
+
+
+class Rotating:
+    """Cycles through copies of a weight set so that each call streams its weights from DRAM, as in
+    a real model whose layers do not fit in cache. `make()` builds one copy (a tuple of tensors)."""
+
+    def __init__(self, make: Callable[[], tuple], min_bytes: int = 64 << 20, max_copies: int = 64):
+        first = make()
+        per_copy = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+        n = max(1, min(max_copies, -(-min_bytes // max(per_copy, 1))))
+        self.copies = [first] + [make() for _ in range(n - 1)]
+        self.bytes_per_copy = per_copy
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.copies)
+        return self.copies[self.i]
+
+
+_LIMITS: Optional[Dict[str, float]] = None
+
+
+def machine_limits(device: str = "cpu") -> Dict[str, float]:
+    """Memory bandwidth (GB/s) and compute peaks (GFLOP/s, GOP/s), measured now on this machine."""
+    global _LIMITS
+    if _LIMITS is not None and _LIMITS.get("device") == device:
+        return _LIMITS
+    if device == "cuda":
+        n = 1 << 28
+        a = torch.empty(n, dtype=torch.uint8, device="cuda")
+        t = min(time_fn(lambda: a.clone(), repeats=5, device="cuda"))
+        bw = 2 * n / t / 1e9
+        x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        tf = min(time_fn(lambda: x @ x, repeats=5, device="cuda"))
+        _LIMITS = {"device": "cuda", "mem_gbps": bw, "fp32_gflops": 2 * 8192**3 / tf / 1e9,
+                   "int8_gops": 2 * 8192**3 / tf / 1e9 * 2}
+        return _LIMITS
+    src = torch.empty(64 << 20, dtype=torch.float32)  # 256 MB, far beyond the LLC
+    src.fill_(1.0)
+    # Read bandwidth: a sum streams the array once.
+    t_read = min(time_fn(lambda: src.sum(), repeats=5))
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t_mm = min(time_fn(lambda: a @ b, repeats=5))
+    ai = torch.randint(-127, 127, (1024, 4096), dtype=torch.int8)
+    bi = torch.randint(-127, 127, (4096, 1024), dtype=torch.int8)
+    try:
+        t_i8 = min(time_fn(lambda: torch._int_mm(ai, bi), repeats=3))
+        int8 = 2 * 1024 * 4096 * 1024 / t_i8 / 1e9
+    except RuntimeError:
+        int8 = float("nan")
+    _LIMITS = {"device": "cpu", "mem_gbps": src.numel() * 4 / t_read / 1e9,
+               "fp32_gflops": 2 * n**3 / t_mm / 1e9, "int8_gops": int8, "threads": torch.get_num_threads()}
+    return _LIMITS
