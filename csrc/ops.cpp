@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(fastdistill, m) {
   // ---- fused distillation loss (issue 2) ----
-  // Per-row loss (fp32, [rows]) and per-row statistics (fp32, [rows, 4]:
-  // lse(student/T), lse(teacher/T), lse(student), divergence auxiliary) for the backward.
+  // Per-row loss (fp32, [rows]) and per-row statistics for the backward (fp32, [rows, 8]: the
+  // logsumexps of student/T, teacher/T and student as (max, log sum) pairs, and the divergence's
+  // auxiliary term; see csrc/include/fastdistill/kd_loss.h).
   m.def("kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
         "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight) "
         "-> (Tensor, Tensor)");

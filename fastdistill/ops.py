@@ -28,9 +28,12 @@ if _lib_loaded:
     @torch.library.register_fake("fastdistill::kd_loss_forward")
     def _kd_loss_forward_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
                               soft_coef, hard_weight):
+        torch._check(student.device == teacher.device, lambda: (
+            "fastdistill.kd_loss: student and teacher must be on the same device, got "
+            f"{student.device} and {teacher.device}"))
         rows = _rows(student)
         return (student.new_empty((rows,), dtype=torch.float32),
-                student.new_empty((rows, 4), dtype=torch.float32))
+                student.new_empty((rows, 8), dtype=torch.float32))
 
     @torch.library.register_fake("fastdistill::kd_loss_backward")
     def _kd_loss_backward_fake(grad_rows, student, teacher, labels, stats, temperature, divergence, beta,
@@ -52,3 +55,9 @@ if _lib_loaded:
 
     torch.library.register_autograd(
         "fastdistill::kd_loss_forward", _kd_backward, setup_context=_kd_setup_context)
+
+    def _kd_double_backward(ctx, grad):
+        raise NotImplementedError("fastdistill.kd_loss: double backward (gradients of the gradient) is not supported")
+
+    torch.library.register_autograd(
+        "fastdistill::kd_loss_backward", _kd_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 
 def _kl(log_x, log_y):
-    """Row-wise KL(x || y) from log-probabilities; terms with x == 0 contribute 0."""
+    """Row-wise KL(x || y) from log-probabilities; terms with x == 0 contribute 0 (the masking is
+    applied to the logs too, so that -inf logits give no NaN in the gradient either)."""
     p = log_x.exp()
-    return torch.where(p > 0, p * (log_x - log_y), torch.zeros_like(p)).sum(-1)
+    live = p > 0
+    zero = torch.zeros_like(p)
+    return (p * (torch.where(live, log_x, zero) - torch.where(live, log_y, zero))).sum(-1)
 
 
 def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forward_kl", beta=0.5):
@@ -22,7 +25,10 @@ def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forwa
         return _kl(log_q, log_p)
     if divergence != "jsd":
         raise ValueError(divergence)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    live = (log_p > float("-inf")) | (log_q > float("-inf"))
+    zero = torch.zeros_like(log_p)
+    log_m = torch.logaddexp(torch.where(live, log_p, zero) + math.log(beta),
+                            torch.where(live, log_q, zero) + math.log1p(-beta))
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 

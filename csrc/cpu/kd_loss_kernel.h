@@ -23,7 +23,7 @@ template <int kW, bool kHard, class TS, class TT>
 KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
   const VecF zero = vset1(0.f), vinv = vset1(inv_t);
   VecF zt = zero, zs = zero, zh = zero, w = zero;
-  float m_t = kNegInf, m_s = kNegInf, m_h = kNegInf;
+  float m_t = kNegInf, m_s = kNegInf;
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
     const int64_t c1 = std::min(n, c0 + kBlock);
     VecF bt = vset1(kNegInf), bs = vset1(kNegInf);
@@ -31,39 +31,32 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
       bt = vmax(bt, load_or_neg_inf(t, c, c1));
       bs = vmax(bs, load_or_neg_inf(s, c, c1));
     }
-    // Scaling by 1/T > 0 is monotonic, also after rounding: max(x) / T == max(x / T).
-    const float nt = std::max(m_t, vmaxall(bt) * inv_t), ns = std::max(m_s, vmaxall(bs) * inv_t);
-    const float nh = kHard ? std::max(m_h, vmaxall(bs)) : kNegInf;
+    const float nt = std::max(m_t, vmaxall(bt)), ns = std::max(m_s, vmaxall(bs));
     if (nt > m_t || ns > m_s) {
-      const float st = kd_rescale(m_t, nt), ss = kd_rescale(m_s, ns);
       if (kW == 1 && m_t != kNegInf) {
-        const float d = (nt - m_t) - (m_s == kNegInf ? 0.f : ns - m_s);
-        w = (w - vset1(d) * zt) * vset1(st);
+        const float d = ((nt - m_t) - (m_s == kNegInf ? 0.f : ns - m_s)) * inv_t;
+        w = (w - vset1(d) * zt) * vset1(kd_rescale(m_t, nt, inv_t));
       } else if (kW == 2 && m_s != kNegInf) {
-        const float d = (ns - m_s) - (m_t == kNegInf ? 0.f : nt - m_t);
-        w = (w - vset1(d) * zs) * vset1(ss);
+        const float d = ((ns - m_s) - (m_t == kNegInf ? 0.f : nt - m_t)) * inv_t;
+        w = (w - vset1(d) * zs) * vset1(kd_rescale(m_s, ns, inv_t));
       }
-      zt = zt * vset1(st);
-      zs = zs * vset1(ss);
+      zt = zt * vset1(kd_rescale(m_t, nt, inv_t));
+      zs = zs * vset1(kd_rescale(m_s, ns, inv_t));
+      if (kHard) zh = zh * vset1(kd_rescale(m_s, ns, 1.f));
       m_t = nt;
       m_s = ns;
     }
-    if (kHard && nh > m_h) {
-      zh = zh * vset1(kd_rescale(m_h, nh));
-      m_h = nh;
-    }
     // A block whose maxima are still -inf holds only -inf: any finite reference gives exp(.) = 0.
     const VecF rt = vset1(m_t == kNegInf ? 0.f : m_t), rs = vset1(m_s == kNegInf ? 0.f : m_s);
-    const VecF rh = vset1(m_h == kNegInf ? 0.f : m_h);
     for (int64_t c = c0; c < c1; c += kLanes) {
-      const VecF sr = load_or_neg_inf(s, c, c1);
-      const VecF da = load_or_neg_inf(t, c, c1) * vinv - rt, db = sr * vinv - rs;
-      const VecF ea = vexp(da), eb = vexp(db);
+      const VecF ds = load_or_neg_inf(s, c, c1) - rs;
+      const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv, ub = ds * vinv;
+      const VecF ea = vexp(ua), eb = vexp(ub);
       zt = zt + ea;
       zs = zs + eb;
-      if (kW == 1) w = w + vselect(vgt(ea, zero), ea * (da - db), zero);
-      if (kW == 2) w = w + vselect(vgt(eb, zero), eb * (db - da), zero);
-      if (kHard) zh = zh + vexp(sr - rh);
+      if (kW == 1) w = w + vselect(vgt(ea, zero), ea * (ua - ub), zero);
+      if (kW == 2) w = w + vselect(vgt(eb, zero), eb * (ub - ua), zero);
+      if (kHard) zh = zh + vexp(ds);
     }
   }
   KdPartial out;
@@ -71,9 +64,8 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
   out.z_t = vsum(zt);
   out.m_s = m_s;
   out.z_s = vsum(zs);
-  out.w = vsum(w);
-  out.m_h = m_h;
   out.z_h = vsum(zh);
+  out.w = vsum(w);
   return out;
 }
 
@@ -85,13 +77,15 @@ inline VecF jsd_log_m(VecF la, VecF lb, VecF log_beta, VecF log_1m_beta) {
 
 // JSD second pass: sums of p (log p - log M) and q (log q - log M) over a column range.
 template <class TS, class TT>
-void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, float lse_t, float lse_s, float beta,
+void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad& r, float beta,
                float* sum_p, float* sum_q) {
-  const VecF zero = vset1(0.f), vinv = vset1(inv_t), va = vset1(lse_t), vb = vset1(lse_s);
+  const VecF zero = vset1(0.f), vinv = vset1(inv_t), vmt = vset1(r.m_t), vlzt = vset1(r.lz_t);
+  const VecF vms = vset1(r.m_s), vlzs = vset1(r.lz_s);
   const VecF lbeta = vset1(std::log(beta)), l1mb = vset1(std::log1p(-beta));
   VecF sp = zero, sq = zero;
   for (int64_t c = 0; c < n; c += kLanes) {
-    const VecF la = load_or_neg_inf(t, c, n) * vinv - va, lb = load_or_neg_inf(s, c, n) * vinv - vb;
+    const VecF la = (load_or_neg_inf(t, c, n) - vmt) * vinv - vlzt;
+    const VecF lb = (load_or_neg_inf(s, c, n) - vms) * vinv - vlzs;
     const VecF p = vexp(la), q = vexp(lb), lm = jsd_log_m(la, lb, lbeta, l1mb);
     sp = sp + vselect(vgt(p, zero), p * (la - lm), zero);
     sq = sq + vselect(vgt(q, zero), q * (lb - lm), zero);
@@ -105,14 +99,15 @@ void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, float lse_t, fl
 template <int kDiv, int kHard, class TS, class TT>
 void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, const KdRowGrad& r,
                     float inv_t, float beta) {
-  const VecF zero = vset1(0.f), vinv = vset1(inv_t), va = vset1(r.lse_t), vb = vset1(r.lse_s);
+  const VecF zero = vset1(0.f), vinv = vset1(inv_t), vmt = vset1(r.m_t), vlzt = vset1(r.lz_t);
+  const VecF vms = vset1(r.m_s), vlzs = vset1(r.lz_s), vlzh = vset1(r.lz_h);
   const VecF vsoft = vset1(kDiv == 2 ? r.soft * (1.f - beta) : r.soft), vhard = vset1(r.hard);
-  const VecF vaux = vset1(r.aux), vlh = vset1(r.lse_h);
+  const VecF vaux = vset1(r.aux);
   const VecF lbeta = vset1(kDiv == 2 ? std::log(beta) : 0.f), l1mb = vset1(kDiv == 2 ? std::log1p(-beta) : 0.f);
   const int64_t label = r.label - col0;  // label column relative to this range
   for (int64_t c = 0; c < n; c += kLanes) {
-    const VecF sr = load_or_neg_inf(s, c, n);
-    const VecF la = load_or_neg_inf(t, c, n) * vinv - va, lb = sr * vinv - vb;
+    const VecF ds = load_or_neg_inf(s, c, n) - vms;
+    const VecF la = (load_or_neg_inf(t, c, n) - vmt) * vinv - vlzt, lb = ds * vinv - vlzs;
     const VecF q = vexp(lb);
     VecF gv;
     if (kDiv == 0) {
@@ -122,7 +117,7 @@ void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, co
     } else {
       gv = vsoft * vselect(vgt(q, zero), q * (lb - jsd_log_m(la, lb, lbeta, l1mb) - vaux), zero);
     }
-    if (kHard == 1) gv = vfma(vhard, vexp(sr - vlh), gv);
+    if (kHard == 1) gv = vfma(vhard, vexp(ds - vlzh), gv);
     if (kHard == 2) gv = vfma(vhard, q, gv);
     if (kHard != 0 && label >= c && label < c + kLanes) {
       alignas(64) float lanes[kLanes];
@@ -166,15 +161,15 @@ KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c
   });
 }
 
-void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, float lse_t, float lse_s,
-                float* sum_p, float* sum_q) {
+void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& lse, float* sum_p,
+                float* sum_q) {
   with_dtype(p.student_dtype, [&](auto s_tag) {
     return with_dtype(p.teacher_dtype, [&](auto t_tag) {
       using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
       using TT = std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>;
       jsd_range(static_cast<const TS*>(p.student) + p.student_rows.offset(row) + c0,
                 static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row) + c0, c1 - c0,
-                p.inv_temperature, lse_t, lse_s, p.beta, sum_p, sum_q);
+                p.inv_temperature, lse, p.beta, sum_p, sum_q);
       return 0;
     });
   });
