@@ -41,7 +41,7 @@ def sources(pattern):
 with_cuda = want_cuda()
 archs = os.environ.get("FASTDISTILL_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
 include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
 define_macros = [("FASTDISTILL_CUDA_ARCHS", '"' + ";".join(archs) + '"')] if with_cuda else []
 
 c_sources = sources("*.cpp") + sources("cpu/*.cpp")

@@ -1,0 +1,192 @@
+// CPU glue of the fused distillation loss: checks, allocation, ISA choice, threading.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_isa.h"
+#include "cpu/kd_loss_kernels.h"
+#include "kd_loss_args.h"
+
+namespace fastdistill::cpu {
+namespace {
+
+struct KdKernels {
+  KdPartial (*stats)(const KdLossParams&, int64_t, int64_t, int64_t);
+  void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, float, float, float*, float*);
+  void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
+};
+
+KdKernels kernels() {
+  switch (active_isa()) {
+#if defined(__x86_64__)
+    case CpuIsa::avx512: return {avx512::kd_row_stats, avx512::kd_row_jsd, avx512::kd_row_backward};
+    case CpuIsa::avx2: return {avx2::kd_row_stats, avx2::kd_row_jsd, avx2::kd_row_backward};
+#endif
+    default: return {scalar::kd_row_stats, scalar::kd_row_jsd, scalar::kd_row_backward};
+  }
+}
+
+// Column chunking. Rows are split only when there are few of them, and by a rule that depends on
+// the shape alone, so results are identical for any thread count.
+constexpr int64_t kFewRows = 64, kSplitAbove = 32768, kChunk = 16384;
+
+int64_t column_chunk(const KdLossParams& p) {
+  return (p.rows < kFewRows && p.vocab > kSplitAbove) ? kChunk : p.vocab;
+}
+
+int64_t grain_rows(const KdLossParams& p, int64_t chunk) { return std::max<int64_t>(1, 32768 / chunk); }
+
+void check_labels(const KdLossParams& p) {
+  if (!p.labels) return;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t l = p.labels[r];
+    TORCH_CHECK(l == p.ignore_index || (l >= 0 && l < p.vocab), "fastdistill.kd_loss: labels must be in [0, ",
+                p.vocab, ") or ignore_index (", p.ignore_index, "), got ", l, " at row ", r);
+  }
+}
+
+// Finishes one row from its merged softmax state (and, for JSD, the second-pass sums).
+void finish_row(const KdLossParams& p, int64_t r, const KdPartial& st, float sum_p, float sum_q, float* loss,
+                float* stats) {
+  const float lse_t = st.m_t + std::log(st.z_t), lse_s = st.m_s + std::log(st.z_s);
+  float div = 0.f, aux = 0.f;
+  if (p.divergence == Divergence::jsd) {
+    div = p.beta * sum_p + (1.f - p.beta) * sum_q;
+    aux = sum_q;
+  } else {
+    div = kd_kl_from_state(st, p.divergence);
+    aux = p.divergence == Divergence::reverse_kl ? div : 0.f;
+  }
+  float lse_h = 0.f, row = 0.f;
+  if (p.soft_coef != 0.f) row = p.soft_coef * div;
+  if (p.has_hard()) {
+    lse_h = p.separate_hard_lse() ? st.m_h + std::log(st.z_h) : lse_s;
+    if (p.counted(r)) {
+      const float logit = kd_student_logit(p, r, p.labels[r]);
+      row += p.hard_weight * (lse_h - logit);
+    }
+  }
+  loss[r] = p.counted(r) ? row : 0.f;
+  float* s = stats + r * kNumStats;
+  s[kStatLseStudent] = lse_s;
+  s[kStatLseTeacher] = lse_t;
+  s[kStatLseHard] = lse_h;
+  s[kStatAux] = aux;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const std::optional<at::Tensor>& labels, double temperature,
+                                                    c10::string_view divergence, double beta, int64_t ignore_index,
+                                                    double soft_coef, double hard_weight) {
+  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
+                                 soft_coef, hard_weight);
+  const KdLossParams& p = args.params;
+  check_labels(p);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
+  float* loss_ptr = loss.data_ptr<float>();
+  float* stats_ptr = stats.data_ptr<float>();
+  const KdKernels k = kernels();
+  const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
+  const int64_t chunk = column_chunk(p);
+  if (chunk == p.vocab) {  // one task per row: both JSD passes run while the row is in cache
+    at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const KdPartial st = k.stats(p, r, 0, p.vocab);
+        float sum_p = 0.f, sum_q = 0.f;
+        if (jsd) k.jsd(p, r, 0, p.vocab, st.m_t + std::log(st.z_t), st.m_s + std::log(st.z_s), &sum_p, &sum_q);
+        finish_row(p, r, st, sum_p, sum_q, loss_ptr, stats_ptr);
+      }
+    });
+    return {loss, stats};
+  }
+  // Few long rows: (row, chunk) tasks, merged per row in chunk order.
+  const int64_t nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
+  std::vector<KdPartial> parts(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = (i % nchunks) * chunk;
+      parts[i] = k.stats(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk));
+    }
+  });
+  std::vector<KdPartial> merged(p.rows);
+  std::vector<float> sums(jsd ? tasks * 2 : 0);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    KdPartial st = parts[r * nchunks];
+    for (int64_t c = 1; c < nchunks; ++c) st = kd_merge(st, parts[r * nchunks + c], teacher_primary);
+    merged[r] = st;
+  }
+  if (jsd) {
+    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const KdPartial& st = merged[i / nchunks];
+        const int64_t c0 = (i % nchunks) * chunk;
+        k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), st.m_t + std::log(st.z_t),
+              st.m_s + std::log(st.z_s), &sums[2 * i], &sums[2 * i + 1]);
+      }
+    });
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float sum_p = 0.f, sum_q = 0.f;
+    for (int64_t c = 0; jsd && c < nchunks; ++c) {
+      sum_p += sums[2 * (r * nchunks + c)];
+      sum_q += sums[2 * (r * nchunks + c) + 1];
+    }
+    finish_row(p, r, merged[r], sum_p, sum_q, loss_ptr, stats_ptr);
+  }
+  return {loss, stats};
+}
+
+at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& student, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& labels, const at::Tensor& stats, double temperature,
+                            c10::string_view divergence, double beta, int64_t ignore_index, double soft_coef,
+                            double hard_weight) {
+  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
+                                 soft_coef, hard_weight);
+  const KdLossParams& p = args.params;
+  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.numel() == p.rows,
+              "fastdistill.kd_loss_backward: grad_rows must be float32 with ", p.rows, " elements, got ",
+              grad_rows.scalar_type(), " ", grad_rows.sizes());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.rows, kNumStats}),
+              "fastdistill.kd_loss_backward: stats must be float32 [", p.rows, ", ", int(kNumStats), "], got ",
+              stats.scalar_type(), " ", stats.sizes());
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor g_rows = grad_rows.contiguous(), st = stats.contiguous();
+  const float* g = g_rows.data_ptr<float>();
+  const float* s = st.data_ptr<float>();
+  void* out = grad.data_ptr();
+  const int64_t elem = grad.element_size();
+  const KdKernels k = kernels();
+  const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
+  at::parallel_for(0, p.rows * nchunks, chunk == p.vocab ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nchunks, c0 = (i % nchunks) * chunk, c1 = std::min(p.vocab, c0 + chunk);
+      if (!p.counted(r)) {
+        std::memset(static_cast<char*>(out) + (r * p.vocab + c0) * elem, 0, (c1 - c0) * elem);
+        continue;
+      }
+      KdRowGrad rg;
+      rg.soft = g[r] * p.soft_coef * p.inv_temperature;
+      rg.hard = p.has_hard() ? g[r] * p.hard_weight : 0.f;
+      rg.lse_s = s[r * kNumStats + kStatLseStudent];
+      rg.lse_t = s[r * kNumStats + kStatLseTeacher];
+      rg.lse_h = s[r * kNumStats + kStatLseHard];
+      rg.aux = s[r * kNumStats + kStatAux];
+      rg.label = p.has_hard() ? p.labels[r] : -1;
+      k.backward(p, r, c0, c1, rg, out);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
+  m.impl("kd_loss_forward", &kd_loss_forward);
+  m.impl("kd_loss_backward", &kd_loss_backward);
+}
+
+}  // namespace fastdistill::cpu

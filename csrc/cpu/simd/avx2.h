@@ -1,0 +1,103 @@
+// 8 x fp32 vector helpers for AVX2 + FMA + F16C. Include after `#pragma GCC target`.
+#pragma once
+
+namespace fastdistill::cpu::avx2 {
+
+struct VecF { __m256 v; };
+using Mask = __m256;  // all-ones lanes are true
+constexpr int kLanes = 8;
+
+inline VecF vset1(float x) { return {_mm256_set1_ps(x)}; }
+inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+inline Mask vgt(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+inline float vsum(VecF a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float vmaxall(VecF a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline VecF vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline VecF vload(const bf16_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+inline VecF vload(const f16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+
+// Loads n < 8 elements; the other lanes hold `fill`.
+template <class T>
+inline VecF vload_tail(const T* p, int n, float fill) {
+  alignas(32) float buf[kLanes];
+  for (int i = 0; i < kLanes; ++i) buf[i] = i < n ? to_float(p[i]) : fill;
+  return {_mm256_load_ps(buf)};
+}
+
+inline __m128i to_bf16_bits(VecF x) {  // round to nearest even; NaN stays a quiet NaN
+  __m256i u = _mm256_castps_si256(x.v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(packed);
+}
+inline __m128i to_f16_bits(VecF x) { return _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline void vstore(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
+inline void vstore(bf16_t* p, VecF x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(x)); }
+inline void vstore(f16_t* p, VecF x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16_bits(x)); }
+template <class T>
+inline void vstore_tail(T* p, VecF x, int n) {
+  alignas(32) T buf[kLanes];
+  vstore(buf, x);
+  for (int i = 0; i < n; ++i) p[i] = buf[i];
+}
+
+// e^x, ~1 ulp on the normal range; exactly 0 below -87.3 (and for -inf); NaN propagates.
+inline VecF vexp(VecF x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(lo, x.v));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y);  // underflow (and -inf) -> 0
+  return {_mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
+}
+
+// log(1 + u) for u in [0, 1] via 2*atanh(u / (2 + u)).
+inline VecF vlog1p01(VecF u) {
+  __m256 t = _mm256_div_ps(u.v, _mm256_add_ps(u.v, _mm256_set1_ps(2.0f)));
+  __m256 t2 = _mm256_mul_ps(t, t);
+  __m256 s = _mm256_set1_ps(1.0f / 13);
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 11));
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 9));
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 7));
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 5));
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 3));
+  s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f));
+  return {_mm256_mul_ps(_mm256_add_ps(t, t), s)};
+}
+
+}  // namespace fastdistill::cpu::avx2

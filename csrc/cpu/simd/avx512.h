@@ -1,0 +1,93 @@
+// 16 x fp32 vector helpers for AVX-512 (F, BW, VL, DQ). Include after `#pragma GCC target`.
+#pragma once
+
+namespace fastdistill::cpu::avx512 {
+
+struct VecF { __m512 v; };
+using Mask = __mmask16;
+constexpr int kLanes = 16;
+
+inline VecF vset1(float x) { return {_mm512_set1_ps(x)}; }
+inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
+inline Mask vgt(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+inline Mask veq_int(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
+inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+inline float vsum(VecF a) { return _mm512_reduce_add_ps(a.v); }
+inline float vmaxall(VecF a) { return _mm512_reduce_max_ps(a.v); }
+
+inline VecF vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline VecF vload(const bf16_t* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+inline VecF vload(const f16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+
+// Loads n < 16 elements; the other lanes hold `fill`.
+inline VecF vload_tail(const float* p, int n, float fill) {
+  return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), Mask((1u << n) - 1), p)};
+}
+template <class T>
+inline VecF vload_tail(const T* p, int n, float fill) {
+  const Mask m = Mask((1u << n) - 1);
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  VecF x = std::is_same<T, bf16_t>::value
+               ? VecF{_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))}
+               : VecF{_mm512_cvtph_ps(h)};
+  return {_mm512_mask_blend_ps(m, _mm512_set1_ps(fill), x.v)};
+}
+
+inline __m256i to_bf16_bits(VecF x) {  // round to nearest even; NaN stays a quiet NaN
+  __m512i u = _mm512_castps_si512(x.v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q),
+                            _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __m256i to_f16_bits(VecF x) { return _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline void vstore(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+inline void vstore(bf16_t* p, VecF x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(x)); }
+inline void vstore(f16_t* p, VecF x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_f16_bits(x)); }
+inline void vstore_tail(float* p, VecF x, int n) { _mm512_mask_storeu_ps(p, Mask((1u << n) - 1), x.v); }
+inline void vstore_tail(bf16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_bf16_bits(x)); }
+inline void vstore_tail(f16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_f16_bits(x)); }
+
+// e^x, ~1 ulp on the normal range; exactly 0 for x <= -104 (and -inf); NaN propagates.
+inline VecF vexp(VecF x) {
+  __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 y = _mm512_scalef_ps(p, n);  // 2^n without integer tricks: underflows cleanly to 0
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y, x.v)};
+}
+
+// log(1 + u) for u in [0, 1] via 2*atanh(u / (2 + u)); |t| <= 1/3 so the odd series converges fast.
+inline VecF vlog1p01(VecF u) {
+  __m512 t = _mm512_div_ps(u.v, _mm512_add_ps(u.v, _mm512_set1_ps(2.0f)));
+  __m512 t2 = _mm512_mul_ps(t, t);
+  __m512 s = _mm512_set1_ps(1.0f / 13);
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 11));
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 9));
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 7));
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 5));
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 3));
+  s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f));
+  return {_mm512_mul_ps(_mm512_add_ps(t, t), s)};
+}
+
+}  // namespace fastdistill::cpu::avx512

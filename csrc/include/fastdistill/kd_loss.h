@@ -1,0 +1,112 @@
+// Fused distillation loss: torch-free parameters and the per-row softmax state, shared by the CPU
+// kernels, the CUDA kernels and the SIMT emulator.
+//
+// Notation: a = teacher / T, b = student / T, A = logsumexp(a), B = logsumexp(b),
+// p = softmax(a), q = softmax(b).  Forward KL(p||q), reverse KL(q||p), or generalised JSD with
+// M = beta p + (1-beta) q, weighted beta KL(p||M) + (1-beta) KL(q||M) (beta = 0 / 1 are mapped to
+// forward / reverse KL by the glue).  Optional hard term: CE(student at T = 1, label).
+#pragma once
+#include <cmath>
+
+#include "fastdistill/common.h"
+
+namespace fastdistill {
+
+enum class Divergence : int { forward_kl = 0, reverse_kl = 1, jsd = 2 };
+
+struct KdLossParams {
+  int64_t rows = 0, vocab = 0;
+  const void* student = nullptr;
+  const void* teacher = nullptr;
+  DType student_dtype = DType::f32, teacher_dtype = DType::f32;
+  RowLayout student_rows, teacher_rows;  // the gradient is always contiguous [rows, vocab]
+  const int64_t* labels = nullptr;       // [rows] or null
+  int64_t ignore_index = -100;
+  float temperature = 1.f, inv_temperature = 1.f;
+  Divergence divergence = Divergence::forward_kl;
+  float beta = 0.5f;
+  float soft_coef = 1.f;    // soft_weight * (T^2 if scaled)
+  float hard_weight = 0.f;  // weight of the cross-entropy term (needs labels)
+
+  FD_HD bool has_hard() const { return hard_weight != 0.f && labels != nullptr; }
+  // The hard term needs logsumexp(student) at T = 1, a separate statistic unless T == 1.
+  FD_HD bool separate_hard_lse() const { return has_hard() && temperature != 1.f; }
+  FD_HD bool counted(int64_t row) const { return labels == nullptr || labels[row] != ignore_index; }
+};
+
+// One raw student logit (for the hard term), whatever the storage dtype.
+FD_HD float kd_student_logit(const KdLossParams& p, int64_t row, int64_t col) {
+  const int64_t i = p.student_rows.offset(row) + col;
+  switch (p.student_dtype) {
+    case DType::bf16: return to_float(static_cast<const bf16_t*>(p.student)[i]);
+    case DType::f16: return to_float(static_cast<const f16_t*>(p.student)[i]);
+    default: return static_cast<const float*>(p.student)[i];
+  }
+}
+
+// Per-row statistics written by the forward for the backward: [rows, 4] fp32.
+enum KdStat : int { kStatLseStudent = 0, kStatLseTeacher = 1, kStatLseHard = 2, kStatAux = 3, kNumStats = 4 };
+
+// Online-softmax state of one row, or of one column range of a row. Ranges merge associatively
+// (kd_merge), which is what splitting a long row across threads (or, later, across vocab-parallel
+// shards) relies on. z_* are sums of exp(x - m_*); w is the weighted sum
+//   sum exp(x_P - m_P) * ((x_P - m_P) - (x_Q - m_Q))
+// with P the "primary" side (teacher for forward KL, student for reverse KL) and Q the other;
+// keeping both sides centred on their maxima avoids cancellation when |logits| / T is large.
+struct KdPartial {
+  float m_t = -INFINITY, z_t = 0.f;  // teacher / T
+  float m_s = -INFINITY, z_s = 0.f;  // student / T
+  float w = 0.f;
+  float m_h = -INFINITY, z_h = 0.f;  // student at T = 1 (hard term), when separate
+};
+
+FD_HD float kd_rescale(float m_old, float m_new) { return m_old == -INFINITY ? 0.f : expf(m_old - m_new); }
+
+// Re-centres w from (mP_old, mQ_old) onto (mP_new, mQ_new): w' = (w - (dP - dQ) zP) exp(-dP).
+FD_HD float kd_shift_w(float w, float zP, float mP_old, float mP_new, float mQ_old, float mQ_new) {
+  if (zP == 0.f) return 0.f;
+  const float dQ = mQ_old == -INFINITY ? 0.f : mQ_new - mQ_old;  // w is already +inf in that case
+  return (w - ((mP_new - mP_old) - dQ) * zP) * expf(mP_old - mP_new);
+}
+
+// Moves a state onto new maxima (m_t, m_s, m_h), rescaling its sums.
+FD_HD void kd_recentre(KdPartial& x, float m_t, float m_s, float m_h, bool teacher_primary) {
+  if (teacher_primary) x.w = kd_shift_w(x.w, x.z_t, x.m_t, m_t, x.m_s, m_s);
+  else x.w = kd_shift_w(x.w, x.z_s, x.m_s, m_s, x.m_t, m_t);
+  x.z_t *= kd_rescale(x.m_t, m_t);
+  x.z_s *= kd_rescale(x.m_s, m_s);
+  x.z_h *= kd_rescale(x.m_h, m_h);
+  x.m_t = m_t;
+  x.m_s = m_s;
+  x.m_h = m_h;
+}
+
+FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, bool teacher_primary) {
+  const float m_t = fmaxf(x.m_t, y.m_t), m_s = fmaxf(x.m_s, y.m_s), m_h = fmaxf(x.m_h, y.m_h);
+  kd_recentre(x, m_t, m_s, m_h, teacher_primary);
+  kd_recentre(y, m_t, m_s, m_h, teacher_primary);
+  x.z_t += y.z_t;
+  x.z_s += y.z_s;
+  x.z_h += y.z_h;
+  x.w += y.w;
+  return x;
+}
+
+FD_HD bool kd_teacher_primary(Divergence d) { return d != Divergence::reverse_kl; }
+
+// The divergence of a finished row for forward / reverse KL (JSD needs its second pass).
+FD_HD float kd_kl_from_state(const KdPartial& x, Divergence d) {
+  return d == Divergence::forward_kl ? x.w / x.z_t - logf(x.z_t) + logf(x.z_s)
+                                     : x.w / x.z_s - logf(x.z_s) + logf(x.z_t);
+}
+
+// Coefficients of one row's gradient: d loss / d student_j =
+//   soft * dD/db_j + hard * (softmax(student)_j - [j == label]).
+struct KdRowGrad {
+  float soft = 0.f;  // grad_row * soft_coef / T
+  float hard = 0.f;  // grad_row * hard_weight
+  float lse_s = 0.f, lse_t = 0.f, lse_h = 0.f, aux = 0.f;
+  int64_t label = -1;  // column that gets -hard, or -1
+};
+
+}  // namespace fastdistill
