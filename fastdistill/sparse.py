@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fastdistill import ops
 
@@ -124,7 +125,11 @@ def _cutlass():
 def to_cutlass_2_4(values: torch.Tensor, meta: torch.Tensor):
     """Canonical 2:4 -> PyTorch's CUTLASS semi-structured layout (sparse, meta_reordered), exactly what
     torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass gives for the
-    dense weight (its shape rules apply: rows % 32 == 0, K % 16 == 0 for 16/32-bit values)."""
+    dense weight (its shape rules apply: rows % 32 == 0 and K % 16 == 0 for 16-bit values, rows % 16 == 0
+    and K % 32 == 0 for int8). float32 is refused: its CUTLASS layout is 1:2, not 2:4."""
+    if values.dtype == torch.float32:
+        raise TypeError("fastdistill.to_cutlass_2_4: PyTorch's CUTLASS semi-structured layout for float32 is 1:2 "
+                        "(pairs), which cannot hold a 2:4 weight; convert the values to bfloat16, float16 or int8")
     return _cutlass().sparse_semi_structured_from_dense_cutlass(decompress_2_4(values, meta))
 
 
@@ -370,6 +375,6 @@ def apply_2_4_masks(model: nn.Module, sr_ste_decay: float = 0.0,
         handle._hooks.append(mod.weight.register_hook(lambda g, m=mask: g.masked_fill(~m, 0)))
         handle.layers.append((mod, mask))
     if not handle.sr_ste:
-        handle._hooks.append(torch.optim.optimizer.register_optimizer_step_post_hook(
+        handle._hooks.append(register_optimizer_step_post_hook(
             lambda opt, args, kwargs: handle.remask()))
     return handle
