@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu/sparse24_kernels.h"
 
@@ -141,8 +142,80 @@ void tile(const FloatParams& p, int64_t n, int nb, int64_t m, int mb, int64_t c0
   }
 }
 
+// Large M: vectorise over 64 activation rows instead of over K. For a 6-row weight tile and one
+// 64-row activation block, each kept value (row i, column k) does acc[i][0..3] += w * xt[k][0..63]:
+// one broadcast and 4 FMAs with memory operands, no shuffles. K is blocked so the xt slice stays in
+// L2; partial sums live in a per-call scratch [rows][64].
+template <bool BF16>
+inline float value_at(const void* values, int64_t i) {
+  if constexpr (BF16) {
+    const uint32_t b = uint32_t(static_cast<const uint16_t*>(values)[i]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  } else {
+    return static_cast<const float*>(values)[i];
+  }
+}
+
+template <int NB, bool BF16>
+void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64_t g1, float* scratch) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  __m512 acc[NB][4];
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int i = 0; i < NB; ++i) {
+      const uint32_t code = (p.meta[(n + i) * mbytes + (g >> 1)] >> ((g & 1) * 4)) & 15u;
+      const float* r0 = xt + (4 * g + (code & 3)) * kXtRows;
+      const float* r1 = xt + (4 * g + (code >> 2)) * kXtRows;
+      const __m512 w0 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g));
+      const __m512 w1 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g + 1));
+      for (int v = 0; v < 4; ++v) {
+        acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
+        acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
+}
+
+template <bool BF16>
+void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
+  constexpr int kRows = 6;
+  const int64_t groups = p.K / 4, kbg = 64;  // 256 columns x 64 rows x 4 B = 64 KB of xt per K block
+  const int64_t rows = n1 - n0;
+  std::vector<float> scratch(size_t(rows * kXtRows));
+  for (int64_t mb = 0; mb * kXtRows < p.M; ++mb) {
+    const float* xt = p.xt + mb * p.ldx * kXtRows;
+    std::fill(scratch.begin(), scratch.end(), 0.f);
+    for (int64_t g0 = 0; g0 < groups; g0 += kbg) {
+      const int64_t g1 = std::min(groups, g0 + kbg);
+      for (int64_t n = n0; n < n1; n += kRows) {
+        float* s = scratch.data() + (n - n0) * kXtRows;
+        switch (std::min<int64_t>(kRows, n1 - n)) {
+          case 6: xt_tile<6, BF16>(p, n, xt, g0, g1, s); break;
+          case 5: xt_tile<5, BF16>(p, n, xt, g0, g1, s); break;
+          case 4: xt_tile<4, BF16>(p, n, xt, g0, g1, s); break;
+          case 3: xt_tile<3, BF16>(p, n, xt, g0, g1, s); break;
+          case 2: xt_tile<2, BF16>(p, n, xt, g0, g1, s); break;
+          default: xt_tile<1, BF16>(p, n, xt, g0, g1, s); break;
+        }
+      }
+    }
+    const int64_t m1 = std::min(p.M, (mb + 1) * kXtRows);
+    for (int64_t m = mb * kXtRows; m < m1; ++m) {
+      float* o = p.out + m * p.ldo;
+      const int64_t r = m - mb * kXtRows;
+      for (int64_t n = n0; n < n1; ++n) o[n] += scratch[size_t((n - n0) * kXtRows + r)];
+    }
+  }
+}
+
 template <bool BF16>
 void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
+  if (p.xt != nullptr) return float_linear_xt<BF16>(p, n0, n1);
   const int64_t half = p.K / 2;
   const int64_t nfull = half / 16, nchunks = (half + 15) / 16;
   // Small M: one pass over K per tile (the weights stream once). Large M: block so that the

@@ -92,6 +92,14 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     p.out = out.data_ptr<float>();
     p.ldo = N;
     const CpuIsa isa = active_isa();
+    at::Tensor xt;
+    if (isa == CpuIsa::avx512 && M >= kXtMinM) {  // activations transposed per 64-row block
+      const int64_t mp = round_up(M, kXtRows);
+      xt = at::zeros({mp, ldx}, xf.options());
+      xt.narrow(0, 0, M).copy_(xf);
+      xt = xt.view({mp / kXtRows, kXtRows, ldx}).transpose(1, 2).contiguous();
+      p.xt = xt.data_ptr<float>();
+    }
     const int64_t ntiles = (N + 3) / 4;
     at::parallel_for(0, ntiles, column_grain(M, K, N) / 4, [&](int64_t t0, int64_t t1) {
       const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);

@@ -21,7 +21,12 @@ struct FloatParams {
   int64_t M = 0, N = 0, K = 0;
   float* out = nullptr;        // [M, ldo] fp32, holds the bias (or 0) on entry; the kernel adds
   int64_t ldo = 0;
+  // Optional (AVX-512, large M): x transposed in blocks of kXtRows rows, [ceil(M/kXtRows)][ldx][kXtRows],
+  // zero-padded. With it each kept value is one broadcast times a contiguous row of activations.
+  const float* xt = nullptr;
 };
+constexpr int64_t kXtRows = 64;
+constexpr int64_t kXtMinM = 32;  // the glue builds xt for M >= this
 
 struct Int8Params {
   const int8_t* xq = nullptr;  // [M, ldx] int8 per-token quantized activations, zero-padded
