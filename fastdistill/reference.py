@@ -60,3 +60,30 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
     """What a user writes without fastdistill: forward KL through F.kl_div, batchmean, T^2 scaled."""
     return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature * temperature
+
+
+# ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
+def sparse24_quantize_per_token_reference(x):
+    """Per-token symmetric int8 quantization as sparse24_int8_linear does it: s = amax / 127,
+    q = clamp(round_half_even(x / s), -127, 127) in fp32; an all-zero row has s = 0 and q = 0."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True) / 127.0
+    q = torch.where(s > 0, torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(xf))
+    return q.clamp(-127, 127).to(torch.int8), s.squeeze(-1)
+
+
+def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=None):
+    """y = x @ W^T (+ bias) with W = decompress_2_4(values, meta) (times w_scales per row for int8
+    values, in which case x is quantized per token first), computed in `dtype` (default x.dtype)."""
+    from fastdistill.sparse import decompress_2_4
+
+    dtype = dtype or x.dtype
+    w = decompress_2_4(values, meta).to(dtype)
+    if w_scales is not None:
+        q, s = sparse24_quantize_per_token_reference(x)
+        x = q.to(dtype) * s.to(dtype).unsqueeze(-1)
+        w = w * w_scales.to(dtype).unsqueeze(-1)
+    y = x.to(dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y
