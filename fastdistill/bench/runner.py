@@ -69,11 +69,22 @@ def format_table(results, limits) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None, repeats=None) -> dict:
     repeats = repeats or (3 if quick else 5)
     start = time.perf_counter()
     limits = machine_limits(device)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; measured now: memory {limits['mem_gbps']:.1f} GB/s, "
           f"fp32 {limits['fp32_gflops']:.0f} GFLOP/s (MKL sgemm), int8 {limits['int8_gops']:.0f} GOP/s (torch._int_mm)")
     results = []
@@ -90,7 +101,7 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
     if noisy:
         print(f"\nwarning: {len(noisy)} case(s) varied by more than {SPREAD_WARN:.0%} between repeats "
               "(median reported); the machine is noisy, rerun on an idle machine for figures to quote.")
-    out = {"machine": {"processor": platform.processor(), "machine": platform.machine(),
+    out = {"machine": {"processor": cpu_name(), "machine": platform.machine(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "limits": limits},
            "quick": quick, "device": device, "seconds": time.perf_counter() - start, "results": results}
     if json_path:
