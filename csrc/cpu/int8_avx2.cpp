@@ -24,25 +24,25 @@ constexpr int kMR = 3;
 template <int MR>
 void ukernel_s8(const int8_t* a, int64_t lda, const int8_t* blk, int64_t groups, int32_t* c) {
   __m256i acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_setzero_si256();
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_setzero_si256();
   for (int64_t g = 0; g < groups; ++g) {
     __m256i av[MR];
-    for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       int32_t a4;
       std::memcpy(&a4, a + i * lda + g * 4, 4);
       av[i] = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(a4)));
     }
     _mm_prefetch(reinterpret_cast<const char*>(blk + g * 64 + 1024), _MM_HINT_T0);
-    for (int q = 0; q < 4; ++q) {
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) {
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + g * 64 + q * 16)));
-      for (int i = 0; i < MR; ++i) acc[i][q] = _mm256_add_epi32(acc[i][q], _mm256_madd_epi16(w, av[i]));
+      _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[i][q] = _mm256_add_epi32(acc[i][q], _mm256_madd_epi16(w, av[i]));
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
     alignas(32) int32_t t[4][8];
-    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(t[q]), acc[i][q]);
-    for (int q = 0; q < 4; ++q)
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(t[q]), acc[i][q]);
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q)
       for (int cc = 0; cc < 4; ++cc) c[i * 16 + q * 4 + cc] = t[q][2 * cc] + t[q][2 * cc + 1];
   }
 }
@@ -50,18 +50,18 @@ void ukernel_s8(const int8_t* a, int64_t lda, const int8_t* blk, int64_t groups,
 // Weight-only, one row x one 16-column block: 8-byte chunk h = 2 columns x 4 k -> 8 fp32 lanes.
 void ukernel_wo(const float* x, const int8_t* blk, int64_t groups, float* c) {
   __m256 acc[8];
-  for (int h = 0; h < 8; ++h) acc[h] = _mm256_setzero_ps();
+  _Pragma("GCC unroll 8") for (int h = 0; h < 8; ++h) acc[h] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const __m256 xv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + g * 4));
     _mm_prefetch(reinterpret_cast<const char*>(blk + g * 64 + 1024), _MM_HINT_T0);
-    for (int h = 0; h < 8; ++h) {
+    _Pragma("GCC unroll 8") for (int h = 0; h < 8; ++h) {
       const __m256 w = _mm256_cvtepi32_ps(
           _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + g * 64 + h * 8))));
       acc[h] = _mm256_fmadd_ps(w, xv, acc[h]);
     }
   }
   alignas(32) float t[8];
-  for (int h = 0; h < 8; ++h) {
+  _Pragma("GCC unroll 8") for (int h = 0; h < 8; ++h) {
     _mm256_store_ps(t, acc[h]);
     c[2 * h] = (t[0] + t[1]) + (t[2] + t[3]);
     c[2 * h + 1] = (t[4] + t[5]) + (t[6] + t[7]);

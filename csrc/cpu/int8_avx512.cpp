@@ -65,23 +65,23 @@ void quantize_row(DType dt, const void* x, int64_t k, int64_t k_pad, int8_t* q, 
 template <int MR, int NBLK>
 void ukernel_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t groups, int32_t* c) {
   __m512i acc[MR][NBLK];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_setzero_si512();
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i bv[NBLK];
-    for (int j = 0; j < NBLK; ++j) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) {
       bv[j] = _mm512_loadu_si512(b + j * bstride + g * 64);
       _mm_prefetch(reinterpret_cast<const char*>(b + j * bstride + g * 64 + 1024), _MM_HINT_T0);
     }
-    for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       int32_t a4;
       std::memcpy(&a4, a + i * lda + g * 4, 4);
       const __m512i av = _mm512_set1_epi32(a4);
-      for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NBLK; ++j) _mm512_storeu_si512(c + i * 64 + j * 16, acc[i][j]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) _mm512_storeu_si512(c + i * 64 + j * 16, acc[i][j]);
 }
 
 using UKernel = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
@@ -108,23 +108,23 @@ UKernel kernel_for(int mr, int nblk) {
 template <int MR>
 void ukernel_wo(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, float* c) {
   __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 w[4];
-    for (int q = 0; q < 4; ++q)
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q)
       w[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + g * 64 + q * 16))));
     _mm_prefetch(reinterpret_cast<const char*>(blk + g * 64 + 1024), _MM_HINT_T0);
-    for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + i * ldx + g * 4));
-      for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_fmadd_ps(w[q], xv, acc[i][q]);
+      _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_fmadd_ps(w[q], xv, acc[i][q]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
     alignas(64) float t[4][16];
-    for (int q = 0; q < 4; ++q) _mm512_store_ps(t[q], acc[i][q]);
-    for (int q = 0; q < 4; ++q)
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) _mm512_store_ps(t[q], acc[i][q]);
+    _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q)
       for (int cc = 0; cc < 4; ++cc)
         c[i * 16 + q * 4 + cc] = (t[q][cc * 4 + 0] + t[q][cc * 4 + 1]) + (t[q][cc * 4 + 2] + t[q][cc * 4 + 3]);
   }
