@@ -54,3 +54,29 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
     """What a user writes without fastdistill: forward KL through F.kl_div, batchmean, T^2 scaled."""
     return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature * temperature
+
+
+# ---------------------------------------------------------------- int8 quantized inference (issue 3)
+def quantize_symmetric_reference(x: torch.Tensor):
+    """Per-row symmetric int8: s = amax / 127 (fp32), q = clamp(round(x / s), -127, 127), s = 0 -> q = 0."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where((s > 0).unsqueeze(-1), torch.round(xf / safe.unsqueeze(-1)), torch.zeros_like(xf))
+    return q.clamp(-127, 127).to(torch.int8), s
+
+
+def int8_linear_reference(x, w_int8, w_scales, bias=None, dtype=torch.float64):
+    """Dynamic W8A8, the dequantised math in `dtype`: (q(x) * s_x) @ (w * s_w)^T + bias."""
+    xq, xs = quantize_symmetric_reference(x)
+    a = xq.to(dtype) * xs.to(dtype).unsqueeze(-1)
+    w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
+    y = a @ w.T
+    return y + bias.to(dtype) if bias is not None else y
+
+
+def int8_weight_only_linear_reference(x, w_int8, w_scales, bias=None, dtype=torch.float64):
+    """Weight-only int8: x @ (w * s_w)^T + bias in `dtype`."""
+    w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
+    y = x.to(dtype) @ w.T
+    return y + bias.to(dtype) if bias is not None else y
