@@ -15,6 +15,7 @@ from fastdistill.reference import (int8_linear_reference, int8_weight_only_linea
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (3, 3, 17), (2, 17, 3), (7, 100, 33), (1, 4097, 100), (13, 64, 70), (130, 40, 129)]
+BIG = [(9, 4500, 70), (100, 2500, 40)]  # several K slices (2048) and row chunks (96)
 
 
 def _packed(n, k, dtype=torch.float32, bias=True):
@@ -25,7 +26,7 @@ def _packed(n, k, dtype=torch.float32, bias=True):
 
 
 # ---------------------------------------------------------------- integer-exact kernels
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", SHAPES + BIG)
 def test_gemm_s32_exact(isa, m, k, n):
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -76,7 +77,7 @@ def test_quantize_per_channel_matches_reference(dtype):
 
 
 # ---------------------------------------------------------------- int8_linear / weight-only
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", SHAPES + BIG)
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_vs_fp64_reference(isa, m, k, n, bias):
     _, q, s, p, b = _packed(n, k, bias=bias)
@@ -129,6 +130,15 @@ def test_weight_only_vs_fp64_reference(isa, m, k, n, dtype):
     plain = F.linear(x, wd, b.to(dtype)).double()
     err, err_plain = (y.double() - ref).abs().max(), (plain - ref).abs().max()
     assert err <= 2 * err_plain + 1e-5 * (ref.abs().max() + 1)
+
+
+def test_k_zero(isa):
+    p = ops.int8_pack_weight(torch.zeros(5, 0, dtype=torch.int8))
+    b = torch.randn(5)
+    for fn in (ops.int8_linear, ops.int8_weight_only_linear):
+        torch.testing.assert_close(fn(torch.randn(3, 0), p, torch.ones(5), b), b.expand(3, 5), rtol=0, atol=0)
+    assert torch.equal(ops.int8_gemm_s32(torch.zeros(2, 0, dtype=torch.int8), torch.zeros(5, 0, dtype=torch.int8)),
+                       torch.zeros(2, 5, dtype=torch.int32))
 
 
 def test_empty_batch():

@@ -62,11 +62,15 @@ void quantize_row(DType dt, const void* x, int64_t k, int64_t k_pad, int8_t* q, 
   for (int64_t j = k; j < k_pad; ++j) q[j] = int8_t(xm);
 }
 
+// MR rows x NBLK 16-column blocks over `groups` groups of 4 k; c is [MR][64] int32, accumulated
+// into when `accumulate` (K blocking), else overwritten.
 template <int MR, int NBLK>
-void ukernel_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t groups, int32_t* c) {
+void ukernel_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t bstride, int64_t groups, int32_t* c,
+                  bool accumulate) {
   __m512i acc[MR][NBLK];
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) acc[i][j] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j)
+      acc[i][j] = accumulate ? _mm512_loadu_si512(c + i * 64 + j * 16) : _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i bv[NBLK];
     _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) {
@@ -84,7 +88,7 @@ void ukernel_vnni(const int8_t* a, int64_t lda, const int8_t* b, int64_t bstride
     _Pragma("GCC unroll 8") for (int j = 0; j < NBLK; ++j) _mm512_storeu_si512(c + i * 64 + j * 16, acc[i][j]);
 }
 
-using UKernel = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+using UKernel = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, bool);
 
 template <int MR>
 constexpr UKernel pick(int nblk) {
@@ -139,17 +143,31 @@ void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
                  p.scales + r, p.xor_mask);
 }
 
+// Blocking: a task's columns go in panels of 64 (4 blocks), its rows in chunks of kMC whose int32
+// sums stay in a stack tile, and K in slices of kKC so that the weight slice (64 x kKC bytes) and the
+// activation slice (kMC x kKC) stay in L2 while the micro-kernels sweep them.
+constexpr int64_t kMC = 96;
+constexpr int64_t kKC = 2048;
+
 void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  alignas(64) int32_t c[kMR * 64];
-  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB;
+  alignas(64) int32_t c[kMC * 64];
+  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB, kcg = kKC / kKG;
   for (int64_t b = nb0; b < nb1; b += kNBLK) {
     const int nblk = int(std::min<int64_t>(kNBLK, nb1 - b));
     const int8_t* bp = p.w + b * bstride;
     const int64_t n0 = b * kNB, cols = std::min<int64_t>(nblk * kNB, p.n - n0);
-    for (int64_t m = m0; m < m1; m += kMR) {
-      const int mr = int(std::min<int64_t>(kMR, m1 - m));
-      kernel_for(mr, nblk)(p.a + m * p.lda, p.lda, bp, bstride, groups, c);
-      epilogue_s8(p, c, 64, m, mr, n0, cols);
+    for (int64_t mc = m0; mc < m1; mc += kMC) {
+      const int64_t mc1 = std::min(m1, mc + kMC);
+      for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
+        const int64_t g = std::min(kcg, groups - g0);
+        for (int64_t m = mc; m < mc1; m += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, mc1 - m));
+          kernel_for(mr, nblk)(p.a + m * p.lda + g0 * kKG, p.lda, bp + g0 * kNB * kKG, bstride, g,
+                               c + (m - mc) * 64, g0 > 0);
+        }
+      }
+      if (groups == 0) std::memset(c, 0, sizeof(c));
+      epilogue_s8(p, c, 64, mc, mc1 - mc, n0, cols);
     }
   }
 }

@@ -127,6 +127,13 @@ PackedHeader check_linear(const char* op, const at::Tensor& x, const at::Tensor&
   return h;
 }
 
+// x (..., K) -> [M, K] with M the product of the leading dims (also when K == 0).
+at::Tensor as_rows(const at::Tensor& x, int64_t k) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  return x.reshape({m, k});
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
   s.back() = n;
@@ -214,7 +221,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const char* op = "int8_linear";
   const PackedHeader h = check_linear(op, x_in, packed, scales_in, bias_in);
   const DType dt = float_dtype(op, "x", x_in);
-  const at::Tensor x2 = x_in.reshape({-1, h.k}).contiguous();
+  const at::Tensor x2 = as_rows(x_in, h.k).contiguous();
   const int64_t m = x2.size(0);
   at::Tensor out = at::empty({m, h.n}, x_in.options());
   if (m > 0 && h.n > 0) {
@@ -248,7 +255,7 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& pac
   const char* op = "int8_weight_only_linear";
   const PackedHeader h = check_linear(op, x_in, packed, scales_in, bias_in);
   const DType dt = float_dtype(op, "x", x_in);
-  at::Tensor x2 = x_in.reshape({-1, h.k});
+  at::Tensor x2 = as_rows(x_in, h.k);
   const int64_t m = x2.size(0);
   at::Tensor out = at::empty({m, h.n}, x_in.options());
   if (m > 0 && h.n > 0) {
@@ -290,7 +297,7 @@ at::Tensor int8_gemm_s32(const at::Tensor& x_in, const at::Tensor& w) {
   const int64_t n = w.size(0), k = w.size(1), np = round_up(n, kNB), kp = round_up(k, kKG);
   TORCH_CHECK(x_in.size(-1) == k, "fastdistill.", op, ": x_int8 must have K=", k,
               " columns to match the weight, got ", x_in.size(-1));
-  const at::Tensor x2 = x_in.reshape({-1, k});
+  const at::Tensor x2 = as_rows(x_in, k);
   const int64_t m = x2.size(0);
   const Isa isa = current_isa();
   at::Tensor a = at::zeros({m, kp}, x2.options());
