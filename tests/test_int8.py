@@ -117,7 +117,7 @@ def test_int8_linear_path_and_thread_independent():
         assert torch.equal(o, outs[0])
 
 
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", SHAPES + BIG)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_only_vs_fp64_reference(isa, m, k, n, dtype):
     _, q, s, p, b = _packed(n, k)

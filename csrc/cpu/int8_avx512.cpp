@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kMR = 6;    // rows per micro-tile
 constexpr int kNBLK = 4;  // 16-column blocks per micro-tile (64 columns)
+constexpr int64_t kMC = 96;  // rows whose sums stay in a stack tile while K is swept in slices
 
 inline __m512 load16(DType dt, const void* base, int64_t i, __mmask16 mask) {
   switch (dt) {
@@ -134,6 +135,87 @@ void ukernel_wo(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, 
   }
 }
 
+// Weight-only, larger M: dequantise a 64-column x kKCW-k slice of the packed weights into fp32
+// [k][64] once, then run an fp32 register-blocked micro-kernel (MR rows x 64 columns) over it.
+constexpr int64_t kKCW = 256;
+
+void dequant_slice(const int8_t* bp, int64_t bstride, int nblk, int64_t g0, int64_t g, float* buf) {
+  // Lane (c, u) of a 16-byte quarter = column c, k offset u; reorder to (u, c).
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int j = 0; j < 4; ++j) {
+    if (j >= nblk) {
+      for (int64_t kk = 0; kk < g * kKG; ++kk) _mm512_storeu_ps(buf + kk * 64 + j * 16, _mm512_setzero_ps());
+      continue;
+    }
+    const int8_t* src = bp + j * bstride + g0 * 64;
+    for (int64_t gg = 0; gg < g; ++gg) {
+      _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
+        const __m512 v = _mm512_permutexvar_ps(perm, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + gg * 64 + q * 16)))));
+        float* dst = buf + gg * kKG * 64 + j * 16 + q * 4;
+        _mm_storeu_ps(dst, _mm512_castps512_ps128(v));
+        _mm_storeu_ps(dst + 64, _mm512_extractf32x4_ps(v, 1));
+        _mm_storeu_ps(dst + 128, _mm512_extractf32x4_ps(v, 2));
+        _mm_storeu_ps(dst + 192, _mm512_extractf32x4_ps(v, 3));
+      }
+    }
+  }
+}
+
+template <int MR>
+void ukernel_f32(const float* x, int64_t ldx, const float* buf, int64_t kc, float* c, bool accumulate) {
+  __m512 acc[MR][4];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
+      acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * 64 + j * 16) : _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    __m512 bv[4];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) bv[j] = _mm512_loadu_ps(buf + kk * 64 + j * 16);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(x[i * ldx + kk]);
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + i * 64 + j * 16, acc[i][j]);
+}
+
+using FKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+FKernel fkernel_for(int mr) {
+  switch (mr) {
+    case 1: return ukernel_f32<1>;
+    case 2: return ukernel_f32<2>;
+    case 3: return ukernel_f32<3>;
+    case 4: return ukernel_f32<4>;
+    case 5: return ukernel_f32<5>;
+    default: return ukernel_f32<6>;
+  }
+}
+
+void gemm_wo_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  alignas(64) float c[kMC * 64];
+  alignas(64) float buf[kKCW * 64];
+  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB, kcg = kKCW / kKG;
+  for (int64_t b = nb0; b < nb1; b += kNBLK) {
+    const int nblk = int(std::min<int64_t>(kNBLK, nb1 - b));
+    const int8_t* bp = p.w + b * bstride;
+    const int64_t n0 = b * kNB, cols = std::min<int64_t>(nblk * kNB, p.n - n0);
+    for (int64_t mc = m0; mc < m1; mc += kMC) {
+      const int64_t mc1 = std::min(m1, mc + kMC);
+      if (groups == 0) std::memset(c, 0, sizeof(c));
+      for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
+        const int64_t g = std::min(kcg, groups - g0);
+        dequant_slice(bp, bstride, nblk, g0, g, buf);
+        for (int64_t m = mc; m < mc1; m += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, mc1 - m));
+          fkernel_for(mr)(p.x + m * p.ldx + g0 * kKG, p.ldx, buf, g * kKG, c + (m - mc) * 64, g0 > 0);
+        }
+      }
+      epilogue_wo(p, c, 64, mc, mc1 - mc, n0, cols);
+    }
+  }
+}
+
 }  // namespace
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
@@ -146,7 +228,6 @@ void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
 // Blocking: a task's columns go in panels of 64 (4 blocks), its rows in chunks of kMC whose int32
 // sums stay in a stack tile, and K in slices of kKC so that the weight slice (64 x kKC bytes) and the
 // activation slice (kMC x kKC) stay in L2 while the micro-kernels sweep them.
-constexpr int64_t kMC = 96;
 constexpr int64_t kKC = 2048;
 
 void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
@@ -173,6 +254,7 @@ void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t n
 }
 
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  if (m1 - m0 >= 8) return gemm_wo_panels(p, m0, m1, nb0, nb1);
   alignas(64) float c[4 * 16];
   const int64_t groups = p.k_pad / kKG;
   for (int64_t b = nb0; b < nb1; ++b) {
