@@ -1,7 +1,7 @@
 // int8 CPU kernels: AVX-512 path. Dynamic W8A8 uses VNNI (vpdpbusd, u8 x s8 with activations
 // shifted by +128 and the packed per-column compensation 128 * sum_k w subtracted: exact int32).
 // Weight-only uses AVX-512F (int8 -> fp32 on the fly, fma). The glue only picks gemm_s8 here when
-// the CPU has avx512vnni.
+// the CPU has avx512vnni, and passes bf16 activations to gemm_wo only when it has avx512bf16.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,7 +10,7 @@
 #include "cpu/int8_kernels.h"
 
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c,bmi2")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_undefined_*
 
 namespace fastdistill::cpu::int8::avx512 {
@@ -216,6 +216,87 @@ void gemm_wo_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int6
   }
 }
 
+// Weight-only with bf16 activations: int8 -> bf16 is exact and bf16 x bf16 products are exact in
+// fp32, so vdpbf16ps (2 products per lane per instruction) loses nothing against fp32 FMAs on bf16
+// inputs. Slice layout: [k / 2][64 columns] dwords, each two bf16 weights (k even, k odd).
+void dequant_slice_bf16(const int8_t* bp, int64_t bstride, int nblk, int64_t g0, int64_t g, uint32_t* buf) {
+  const __m256i deint = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int j = 0; j < 4; ++j) {
+    if (j >= nblk) {
+      for (int64_t kp = 0; kp < g * 2; ++kp) _mm512_storeu_si512(buf + kp * 64 + j * 16, _mm512_setzero_si512());
+      continue;
+    }
+    const int8_t* src = bp + j * bstride + g0 * 64;
+    for (int64_t gg = 0; gg < g; ++gg) {
+      _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
+        // 4 columns x 4 k -> 16 bf16 in (column, k) order = dwords (c, pair); split the pairs.
+        const __m512 v = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + gg * 64 + q * 16))));
+        const __m256i h = _mm256_permutevar8x32_epi32((__m256i)_mm512_cvtneps_pbh(v), deint);
+        uint32_t* dst = buf + gg * 2 * 64 + j * 16 + q * 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(h, 1));
+      }
+    }
+  }
+}
+
+template <int MR>
+void ukernel_bf16(const bf16_t* x, int64_t ldx, const uint32_t* buf, int64_t kpairs, float* c, bool accumulate) {
+  __m512 acc[MR][4];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
+      acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * 64 + j * 16) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    __m512bh bv[4];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(buf + kp * 64 + j * 16);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      int32_t x2;
+      std::memcpy(&x2, x + i * ldx + 2 * kp, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(x2);
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + i * 64 + j * 16, acc[i][j]);
+}
+
+using BKernel = void (*)(const bf16_t*, int64_t, const uint32_t*, int64_t, float*, bool);
+BKernel bkernel_for(int mr) {
+  switch (mr) {
+    case 1: return ukernel_bf16<1>;
+    case 2: return ukernel_bf16<2>;
+    case 3: return ukernel_bf16<3>;
+    case 4: return ukernel_bf16<4>;
+    case 5: return ukernel_bf16<5>;
+    default: return ukernel_bf16<6>;
+  }
+}
+
+void gemm_wo_bf16_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  alignas(64) float c[kMC * 64];
+  alignas(64) uint32_t buf[kKCW / 2 * 64];
+  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB, kcg = kKCW / kKG;
+  for (int64_t b = nb0; b < nb1; b += kNBLK) {
+    const int nblk = int(std::min<int64_t>(kNBLK, nb1 - b));
+    const int8_t* bp = p.w + b * bstride;
+    const int64_t n0 = b * kNB, cols = std::min<int64_t>(nblk * kNB, p.n - n0);
+    for (int64_t mc = m0; mc < m1; mc += kMC) {
+      const int64_t mc1 = std::min(m1, mc + kMC);
+      if (groups == 0) std::memset(c, 0, sizeof(c));
+      for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
+        const int64_t g = std::min(kcg, groups - g0);
+        dequant_slice_bf16(bp, bstride, nblk, g0, g, buf);
+        for (int64_t m = mc; m < mc1; m += kMR) {
+          const int mr = int(std::min<int64_t>(kMR, mc1 - m));
+          bkernel_for(mr)(p.xb + m * p.ldx + g0 * kKG, p.ldx, buf, g * 2, c + (m - mc) * 64, g0 > 0);
+        }
+      }
+      epilogue_wo(p, c, 64, mc, mc1 - mc, n0, cols);
+    }
+  }
+}
+
 }  // namespace
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
@@ -254,6 +335,7 @@ void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t n
 }
 
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  if (p.xb != nullptr) return gemm_wo_bf16_panels(p, m0, m1, nb0, nb1);
   if (m1 - m0 >= 8) return gemm_wo_panels(p, m0, m1, nb0, nb1);
   alignas(64) float c[4 * 16];
   const int64_t groups = p.k_pad / kKG;

@@ -70,7 +70,8 @@ struct GemmParams {
 
 // Weight-only: y[m][n] = fma(sum_k x[m][k] * w[n][k], w_scales[n], bias[n]) (fp32 accumulation).
 struct WoParams {
-  const float* x;       // [M][ldx] fp32, columns [k, k_pad) are 0
+  const float* x;       // [M][ldx] fp32, columns [k, k_pad) are 0 (null when xb is used)
+  const bf16_t* xb;     // or [M][ldx] bf16 (bf16 inputs on CPUs with avx512bf16; exact products)
   int64_t ldx;
   const int8_t* w;
   int64_t n, k_pad;
