@@ -334,22 +334,27 @@ void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t n
   }
 }
 
+// Weight-only: bf16 activations -> vdpbf16ps slices; many rows -> fp32 slices (the dequantisation
+// is amortised over up to 96 rows); few rows -> convert on the fly (each weight converted once per
+// 6 rows).
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
   if (p.xb != nullptr) return gemm_wo_bf16_panels(p, m0, m1, nb0, nb1);
-  if (m1 - m0 >= 8) return gemm_wo_panels(p, m0, m1, nb0, nb1);
-  alignas(64) float c[4 * 16];
+  if (m1 - m0 >= 32) return gemm_wo_panels(p, m0, m1, nb0, nb1);
+  alignas(64) float c[6 * 16];
   const int64_t groups = p.k_pad / kKG;
   for (int64_t b = nb0; b < nb1; ++b) {
     const int8_t* blk = p.w + b * p.k_pad * kNB;
     const int64_t n0 = b * kNB, cols = std::min<int64_t>(kNB, p.n - n0);
-    for (int64_t m = m0; m < m1; m += 4) {
-      const int mr = int(std::min<int64_t>(4, m1 - m));
+    for (int64_t m = m0; m < m1; m += 6) {
+      const int mr = int(std::min<int64_t>(6, m1 - m));
       const float* x = p.x + m * p.ldx;
       switch (mr) {
         case 1: ukernel_wo<1>(x, p.ldx, blk, groups, c); break;
         case 2: ukernel_wo<2>(x, p.ldx, blk, groups, c); break;
         case 3: ukernel_wo<3>(x, p.ldx, blk, groups, c); break;
-        default: ukernel_wo<4>(x, p.ldx, blk, groups, c); break;
+        case 4: ukernel_wo<4>(x, p.ldx, blk, groups, c); break;
+        case 5: ukernel_wo<5>(x, p.ldx, blk, groups, c); break;
+        default: ukernel_wo<6>(x, p.ldx, blk, groups, c); break;
       }
       epilogue_wo(p, c, 16, m, mr, n0, cols);
     }
