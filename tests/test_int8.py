@@ -348,6 +348,8 @@ def test_errors():
         ops.int8_gemm_s32(torch.ones(2, 32), q)
     with pytest.raises(RuntimeError, match=r"bias must be float32, bfloat16 or float16, got Long"):
         ops.int8_linear(x, p, s, torch.ones(16, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"int8_pack_weight: K must be at most 65536"):
+        ops.int8_pack_weight(torch.zeros(1, 65537, dtype=torch.int8))
     # not a packed weight
     with pytest.raises(RuntimeError, match=r"w_packed must be a contiguous 1-D int8 tensor"):
         ops.int8_linear(x, q, s, b)

@@ -15,6 +15,7 @@ namespace {
 
 constexpr int64_t kPanelBlocks = 4;  // 64 columns per task
 constexpr int64_t kTileRows = 96;    // rows per task (a multiple of every micro-kernel's MR)
+constexpr int64_t kMaxK = 65536;
 
 DType float_dtype(const char* op, const char* what, const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -181,6 +182,9 @@ at::Tensor pack(const char* op, const at::Tensor& w_in) {
               w_in.scalar_type());
   const at::Tensor w = w_in.contiguous();
   const int64_t n = w.size(0), k = w.size(1);
+  // int32 accumulators: K * 255 * 127 (u8 x s8, VNNI path) must stay below 2^31.
+  TORCH_CHECK(k <= kMaxK, "fastdistill.", op, ": K must be at most ", kMaxK,
+              " (int32 accumulation of int8 products), got ", k);
   at::Tensor packed = at::empty({packed_bytes(n, k)}, w.options());
   int8_t* out = packed.data_ptr<int8_t>();
   write_header(out, n, k);
