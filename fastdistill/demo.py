@@ -62,7 +62,7 @@ def train(model, data, *, epochs, seed, desc, teacher=None, loss_fn=None, lr=2e-
     x, y = data
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc=desc, leave=False):
+    for _ in tqdm(range(epochs), desc=desc, leave=False, disable=os.environ.get("FASTDISTILL_NO_PROGRESS") == "1"):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
