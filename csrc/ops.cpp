@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(fastdistill, m) {
   // ---- fused distillation loss (issue 2) ----
-  // Per-row loss (fp32, [rows]) and per-row statistics (fp32, [rows, 4]:
-  // lse(student/T), lse(teacher/T), lse(student), divergence auxiliary) for the backward.
+  // Per-row loss (fp32, [rows]) and per-row statistics for the backward (fp32, [rows, 8]: the
+  // logsumexps of student/T, teacher/T and student as (max, log sum) pairs, and the divergence's
+  // auxiliary term; see csrc/include/fastdistill/kd_loss.h).
   m.def("kd_loss_forward(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
         "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight) "
         "-> (Tensor, Tensor)");
@@ -18,4 +19,19 @@ TORCH_LIBRARY(fastdistill, m) {
   // ---- int8 quantized inference (issue 3) ----
 
   // ---- 2:4 structured sparsity (issue 4) ----
+  // values / meta: as returned by sparse24_pack on the device that runs the op. The canonical
+  // (state_dict) format is values [N, K/2] (weight dtype, kept entries in ascending column order)
+  // and meta uint8 [N, ceil(K/8)] (per group of 4 columns the code idx0 | idx1 << 2, two groups per
+  // byte, low nibble first). A device may repack into its own layout, but the packed values keep
+  // size(0) == N so the shape of every output is known without running the kernel. The CPU kernels
+  // read the canonical layout directly, so on CPU sparse24_pack returns contiguous copies.
+  m.def("sparse24_pack(Tensor values, Tensor meta) -> (Tensor, Tensor)");
+  // y[..., N] = x[..., K] @ W^T (+ bias) for a 2:4 weight with fp32 or bf16 values; fp32
+  // accumulation; y has x's dtype (fp32 or bf16). K is x.size(-1); N is values.size(0).
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
+  // The same with int8 values and per-output-channel fp32 scales w_scales [N]: x is quantized per
+  // token inside the op (symmetric, s = amax / 127, q = clamp(round_half_even(x / s), -127, 127)),
+  // int32 accumulation, fused dequant (acc * s_x * s_w) + bias; y has x's dtype (fp32 or bf16).
+  m.def("sparse24_int8_linear(Tensor x, Tensor values, Tensor meta, Tensor w_scales, Tensor? bias) "
+        "-> Tensor");
 }

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 
 
 def _kl(log_x, log_y):
-    """Row-wise KL(x || y) from log-probabilities; terms with x == 0 contribute 0."""
+    """Row-wise KL(x || y) from log-probabilities; terms with x == 0 contribute 0 (the masking is
+    applied to the logs too, so that -inf logits give no NaN in the gradient either)."""
     p = log_x.exp()
-    return torch.where(p > 0, p * (log_x - log_y), torch.zeros_like(p)).sum(-1)
+    live = p > 0
+    zero = torch.zeros_like(p)
+    return (p * (torch.where(live, log_x, zero) - torch.where(live, log_y, zero))).sum(-1)
 
 
 def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forward_kl", beta=0.5):
@@ -22,7 +25,10 @@ def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forwa
         return _kl(log_q, log_p)
     if divergence != "jsd":
         raise ValueError(divergence)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    live = (log_p > float("-inf")) | (log_q > float("-inf"))
+    zero = torch.zeros_like(log_p)
+    log_m = torch.logaddexp(torch.where(live, log_p, zero) + math.log(beta),
+                            torch.where(live, log_q, zero) + math.log1p(-beta))
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
@@ -54,3 +60,30 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
     """What a user writes without fastdistill: forward KL through F.kl_div, batchmean, T^2 scaled."""
     return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
                     log_target=True, reduction="batchmean") * temperature * temperature
+
+
+# ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
+def sparse24_quantize_per_token_reference(x):
+    """Per-token symmetric int8 quantization as sparse24_int8_linear does it: s = amax / 127,
+    q = clamp(round_half_even(x / s), -127, 127) in fp32; an all-zero row has s = 0 and q = 0."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True) / 127.0
+    q = torch.where(s > 0, torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(xf))
+    return q.clamp(-127, 127).to(torch.int8), s.squeeze(-1)
+
+
+def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=None):
+    """y = x @ W^T (+ bias) with W = decompress_2_4(values, meta) (times w_scales per row for int8
+    values, in which case x is quantized per token first), computed in `dtype` (default x.dtype)."""
+    from fastdistill.sparse import decompress_2_4
+
+    dtype = dtype or x.dtype
+    w = decompress_2_4(values, meta).to(dtype)
+    if w_scales is not None:
+        q, s = sparse24_quantize_per_token_reference(x)
+        x = q.to(dtype) * s.to(dtype).unsqueeze(-1)
+        w = w * w_scales.to(dtype).unsqueeze(-1)
+    y = x.to(dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y

@@ -8,6 +8,7 @@
 
 #include "cpu/cpu_isa.h"
 #include "cpu/kd_loss_kernels.h"
+#include "cpu/reusable_buffer.h"
 #include "kd_loss_args.h"
 
 namespace fastdistill::cpu {
@@ -15,7 +16,7 @@ namespace {
 
 struct KdKernels {
   KdPartial (*stats)(const KdLossParams&, int64_t, int64_t, int64_t);
-  void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, float, float, float*, float*);
+  void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, float*, float*);
   void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
 };
 
@@ -49,32 +50,21 @@ void check_labels(const KdLossParams& p) {
 }
 
 // Finishes one row from its merged softmax state (and, for JSD, the second-pass sums).
-void finish_row(const KdLossParams& p, int64_t r, const KdPartial& st, float sum_p, float sum_q, float* loss,
-                float* stats) {
-  const float lse_t = st.m_t + std::log(st.z_t), lse_s = st.m_s + std::log(st.z_s);
-  float div = 0.f, aux = 0.f;
+void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, float sum_q, const KdPartial& st,
+                float* loss, float* stats) {
+  float div = 0.f;
   if (p.divergence == Divergence::jsd) {
     div = p.beta * sum_p + (1.f - p.beta) * sum_q;
-    aux = sum_q;
+    lse.aux = sum_q;
   } else {
     div = kd_kl_from_state(st, p.divergence);
-    aux = p.divergence == Divergence::reverse_kl ? div : 0.f;
+    lse.aux = p.divergence == Divergence::reverse_kl ? div : 0.f;
   }
-  float lse_h = 0.f, row = 0.f;
-  if (p.soft_coef != 0.f) row = p.soft_coef * div;
-  if (p.has_hard()) {
-    lse_h = p.separate_hard_lse() ? st.m_h + std::log(st.z_h) : lse_s;
-    if (p.counted(r)) {
-      const float logit = kd_student_logit(p, r, p.labels[r]);
-      row += p.hard_weight * (lse_h - logit);
-    }
-  }
+  float row = p.soft_coef != 0.f ? p.soft_coef * div : 0.f;
+  if (p.has_hard() && p.counted(r)) row += p.hard_weight * ((lse.m_s - kd_student_logit(p, r, p.labels[r])) + lse.lz_h);
   loss[r] = p.counted(r) ? row : 0.f;
-  float* s = stats + r * kNumStats;
-  s[kStatLseStudent] = lse_s;
-  s[kStatLseTeacher] = lse_t;
-  s[kStatLseHard] = lse_h;
-  s[kStatAux] = aux;
+  if (!p.has_hard()) lse.lz_h = 0.f;
+  kd_store_stats(lse, stats + r * kNumStats);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Tensor& teacher,
@@ -96,9 +86,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, co
     at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const KdPartial st = k.stats(p, r, 0, p.vocab);
+        const KdRowGrad lse = kd_row_lse(st, p.separate_hard_lse());
         float sum_p = 0.f, sum_q = 0.f;
-        if (jsd) k.jsd(p, r, 0, p.vocab, st.m_t + std::log(st.z_t), st.m_s + std::log(st.z_s), &sum_p, &sum_q);
-        finish_row(p, r, st, sum_p, sum_q, loss_ptr, stats_ptr);
+        if (jsd) k.jsd(p, r, 0, p.vocab, lse, &sum_p, &sum_q);
+        finish_row(p, r, lse, sum_p, sum_q, st, loss_ptr, stats_ptr);
       }
     });
     return {loss, stats};
@@ -116,16 +107,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, co
   std::vector<float> sums(jsd ? tasks * 2 : 0);
   for (int64_t r = 0; r < p.rows; ++r) {
     KdPartial st = parts[r * nchunks];
-    for (int64_t c = 1; c < nchunks; ++c) st = kd_merge(st, parts[r * nchunks + c], teacher_primary);
+    for (int64_t c = 1; c < nchunks; ++c) st = kd_merge(st, parts[r * nchunks + c], p.inv_temperature, teacher_primary);
     merged[r] = st;
   }
   if (jsd) {
     at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const KdPartial& st = merged[i / nchunks];
         const int64_t c0 = (i % nchunks) * chunk;
-        k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), st.m_t + std::log(st.z_t),
-              st.m_s + std::log(st.z_s), &sums[2 * i], &sums[2 * i + 1]);
+        k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), kd_row_lse(merged[i / nchunks], false), &sums[2 * i],
+              &sums[2 * i + 1]);
       }
     });
   }
@@ -135,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, co
       sum_p += sums[2 * (r * nchunks + c)];
       sum_q += sums[2 * (r * nchunks + c) + 1];
     }
-    finish_row(p, r, merged[r], sum_p, sum_q, loss_ptr, stats_ptr);
+    finish_row(p, r, kd_row_lse(merged[r], p.separate_hard_lse()), sum_p, sum_q, merged[r], loss_ptr, stats_ptr);
   }
   return {loss, stats};
 }
@@ -153,7 +143,7 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.rows, kNumStats}),
               "fastdistill.kd_loss_backward: stats must be float32 [", p.rows, ", ", int(kNumStats), "], got ",
               stats.scalar_type(), " ", stats.sizes());
-  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_reusable(student.sizes(), student.options());
   const at::Tensor g_rows = grad_rows.contiguous(), st = stats.contiguous();
   const float* g = g_rows.data_ptr<float>();
   const float* s = st.data_ptr<float>();
@@ -168,13 +158,9 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
         std::memset(static_cast<char*>(out) + (r * p.vocab + c0) * elem, 0, (c1 - c0) * elem);
         continue;
       }
-      KdRowGrad rg;
+      KdRowGrad rg = kd_load_stats(s + r * kNumStats);
       rg.soft = g[r] * p.soft_coef * p.inv_temperature;
       rg.hard = p.has_hard() ? g[r] * p.hard_weight : 0.f;
-      rg.lse_s = s[r * kNumStats + kStatLseStudent];
-      rg.lse_t = s[r * kNumStats + kStatLseTeacher];
-      rg.lse_h = s[r * kNumStats + kStatLseHard];
-      rg.aux = s[r * kNumStats + kStatAux];
       rg.label = p.has_hard() ? p.labels[r] : -1;
       k.backward(p, r, c0, c1, rg, out);
     }

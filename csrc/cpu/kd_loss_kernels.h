@@ -5,7 +5,7 @@
 #define FASTDISTILL_DECLARE_KD_LOSS(isa)                                                                  \
   namespace fastdistill::cpu::isa {                                                                       \
   KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1);                     \
-  void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, float lse_t, float lse_s,   \
+  void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& lse,      \
                   float* sum_p, float* sum_q);                                                            \
   void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& r,    \
                        void* grad);                                                                       \

@@ -44,47 +44,58 @@ FD_HD float kd_student_logit(const KdLossParams& p, int64_t row, int64_t col) {
   }
 }
 
-// Per-row statistics written by the forward for the backward: [rows, 4] fp32.
-enum KdStat : int { kStatLseStudent = 0, kStatLseTeacher = 1, kStatLseHard = 2, kStatAux = 3, kNumStats = 4 };
+// Per-row statistics written by the forward for the backward: [rows, 8] fp32. Each logsumexp is
+// kept as (raw max m, log sum exp((x - m) / T)), so that log softmax = (x - m) / T - log sum keeps
+// full accuracy (one rounded lse would lose ulp(max / T): 0.016 at |x| / T = 2e5).
+enum KdStat : int {
+  kStatMaxStudent = 0, kStatLogSumStudent = 1,  // student / T
+  kStatMaxTeacher = 2, kStatLogSumTeacher = 3,  // teacher / T
+  kStatLogSumHard = 4,                          // student at T = 1 (same max), when there is a hard term
+  kStatAux = 5,                                 // reverse KL: the divergence; JSD: KL(q || M); else 0
+  kNumStats = 8                                 // 6, 7 reserved
+};
 
 // Online-softmax state of one row, or of one column range of a row. Ranges merge associatively
 // (kd_merge), which is what splitting a long row across threads (or, later, across vocab-parallel
-// shards) relies on. z_* are sums of exp(x - m_*); w is the weighted sum
-//   sum exp(x_P - m_P) * ((x_P - m_P) - (x_Q - m_Q))
-// with P the "primary" side (teacher for forward KL, student for reverse KL) and Q the other;
-// keeping both sides centred on their maxima avoids cancellation when |logits| / T is large.
+// shards) relies on. Maxima are of the RAW logits and every exponent is formed as (x - max) / T:
+// the difference is exact for the entries that matter, where x / T - max / T would carry the
+// rounding of two large numbers (0.016 absolute at |x| / T = 2e5). With u = (x - m) / T,
+//   z_t = sum exp(u_t), z_s = sum exp(u_s), z_h = sum exp(s - m_s) (student at T = 1),
+//   w = sum exp(u_P) (u_P - u_Q)
+// with P the "primary" side (teacher for forward KL, student for reverse KL) and Q the other.
 struct KdPartial {
-  float m_t = -INFINITY, z_t = 0.f;  // teacher / T
-  float m_s = -INFINITY, z_s = 0.f;  // student / T
+  float m_t = -INFINITY, z_t = 0.f;
+  float m_s = -INFINITY, z_s = 0.f, z_h = 0.f;
   float w = 0.f;
-  float m_h = -INFINITY, z_h = 0.f;  // student at T = 1 (hard term), when separate
 };
 
-FD_HD float kd_rescale(float m_old, float m_new) { return m_old == -INFINITY ? 0.f : expf(m_old - m_new); }
+// exp((m_old - m_new) * inv_t): the factor that moves a sum from max m_old to max m_new >= m_old.
+FD_HD float kd_rescale(float m_old, float m_new, float inv_t) {
+  return m_old == -INFINITY ? 0.f : expf((m_old - m_new) * inv_t);
+}
 
 // Re-centres w from (mP_old, mQ_old) onto (mP_new, mQ_new): w' = (w - (dP - dQ) zP) exp(-dP).
-FD_HD float kd_shift_w(float w, float zP, float mP_old, float mP_new, float mQ_old, float mQ_new) {
+FD_HD float kd_shift_w(float w, float zP, float mP_old, float mP_new, float mQ_old, float mQ_new, float inv_t) {
   if (zP == 0.f) return 0.f;
   const float dQ = mQ_old == -INFINITY ? 0.f : mQ_new - mQ_old;  // w is already +inf in that case
-  return (w - ((mP_new - mP_old) - dQ) * zP) * expf(mP_old - mP_new);
+  return (w - ((mP_new - mP_old) - dQ) * inv_t * zP) * kd_rescale(mP_old, mP_new, inv_t);
 }
 
-// Moves a state onto new maxima (m_t, m_s, m_h), rescaling its sums.
-FD_HD void kd_recentre(KdPartial& x, float m_t, float m_s, float m_h, bool teacher_primary) {
-  if (teacher_primary) x.w = kd_shift_w(x.w, x.z_t, x.m_t, m_t, x.m_s, m_s);
-  else x.w = kd_shift_w(x.w, x.z_s, x.m_s, m_s, x.m_t, m_t);
-  x.z_t *= kd_rescale(x.m_t, m_t);
-  x.z_s *= kd_rescale(x.m_s, m_s);
-  x.z_h *= kd_rescale(x.m_h, m_h);
+// Moves a state onto new maxima, rescaling its sums.
+FD_HD void kd_recentre(KdPartial& x, float m_t, float m_s, float inv_t, bool teacher_primary) {
+  if (teacher_primary) x.w = kd_shift_w(x.w, x.z_t, x.m_t, m_t, x.m_s, m_s, inv_t);
+  else x.w = kd_shift_w(x.w, x.z_s, x.m_s, m_s, x.m_t, m_t, inv_t);
+  x.z_t *= kd_rescale(x.m_t, m_t, inv_t);
+  x.z_s *= kd_rescale(x.m_s, m_s, inv_t);
+  x.z_h *= kd_rescale(x.m_s, m_s, 1.f);
   x.m_t = m_t;
   x.m_s = m_s;
-  x.m_h = m_h;
 }
 
-FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, bool teacher_primary) {
-  const float m_t = fmaxf(x.m_t, y.m_t), m_s = fmaxf(x.m_s, y.m_s), m_h = fmaxf(x.m_h, y.m_h);
-  kd_recentre(x, m_t, m_s, m_h, teacher_primary);
-  kd_recentre(y, m_t, m_s, m_h, teacher_primary);
+FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, float inv_t, bool teacher_primary) {
+  const float m_t = fmaxf(x.m_t, y.m_t), m_s = fmaxf(x.m_s, y.m_s);
+  kd_recentre(x, m_t, m_s, inv_t, teacher_primary);
+  kd_recentre(y, m_t, m_s, inv_t, teacher_primary);
   x.z_t += y.z_t;
   x.z_s += y.z_s;
   x.z_h += y.z_h;
@@ -105,8 +116,40 @@ FD_HD float kd_kl_from_state(const KdPartial& x, Divergence d) {
 struct KdRowGrad {
   float soft = 0.f;  // grad_row * soft_coef / T
   float hard = 0.f;  // grad_row * hard_weight
-  float lse_s = 0.f, lse_t = 0.f, lse_h = 0.f, aux = 0.f;
+  float m_s = 0.f, lz_s = 0.f, m_t = 0.f, lz_t = 0.f, lz_h = 0.f, aux = 0.f;
   int64_t label = -1;  // column that gets -hard, or -1
 };
+
+// The logsumexp halves of a finished row state (a row of only -inf keeps max 0, log sum -inf).
+FD_HD KdRowGrad kd_row_lse(const KdPartial& x, bool separate_hard) {
+  KdRowGrad r;
+  r.m_t = x.m_t == -INFINITY ? 0.f : x.m_t;
+  r.lz_t = logf(x.z_t);
+  r.m_s = x.m_s == -INFINITY ? 0.f : x.m_s;
+  r.lz_s = logf(x.z_s);
+  r.lz_h = separate_hard ? logf(x.z_h) : r.lz_s;
+  return r;
+}
+
+FD_HD void kd_store_stats(const KdRowGrad& r, float* stats_row) {
+  stats_row[kStatMaxStudent] = r.m_s;
+  stats_row[kStatLogSumStudent] = r.lz_s;
+  stats_row[kStatMaxTeacher] = r.m_t;
+  stats_row[kStatLogSumTeacher] = r.lz_t;
+  stats_row[kStatLogSumHard] = r.lz_h;
+  stats_row[kStatAux] = r.aux;
+  stats_row[6] = stats_row[7] = 0.f;
+}
+
+FD_HD KdRowGrad kd_load_stats(const float* stats_row) {
+  KdRowGrad r;
+  r.m_s = stats_row[kStatMaxStudent];
+  r.lz_s = stats_row[kStatLogSumStudent];
+  r.m_t = stats_row[kStatMaxTeacher];
+  r.lz_t = stats_row[kStatLogSumTeacher];
+  r.lz_h = stats_row[kStatLogSumHard];
+  r.aux = stats_row[kStatAux];
+  return r;
+}
 
 }  // namespace fastdistill

@@ -1,0 +1,15 @@
+"""pytest-benchmark suite for the fused loss; the cases are shared with `fastdistill bench`."""
+import pytest
+
+from fastdistill.bench import kd
+
+IDS = [f"{c.op}-{c.shape}-{c.dtype}".replace(" ", "_") for c in kd.cases(quick=True)]
+
+
+@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
+@pytest.mark.parametrize("impl", ["fastdistill", "eager", "torch.compile"])
+def test_kd_loss(benchmark, quick, index, impl):
+    case = kd.cases(quick=quick)[index]
+    fn = case.run if impl == "fastdistill" else case.baselines[impl]
+    benchmark.extra_info.update(shape=case.shape, dtype=case.dtype, bytes=case.bytes)
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)

@@ -1,0 +1,339 @@
+// AVX-512 2:4 sparse kernels.
+//
+// fp32/bf16: one chunk = 32 columns = 16 kept values = 4 meta bytes. The 32-bit meta word expands to
+// 16 gather indices with one variable shift (value j: bits 2j..2j+1, plus group base 4 * (j / 2));
+// vpermt2ps then gathers the 16 activations the kept values need out of the 32 columns held in two
+// registers. A 4 (rows of W) x 4 (rows of x) register tile decodes each index vector once and
+// reuses it for 4 activation rows, and loads each activation chunk once for 4 weight rows, so the
+// inner loop is one permute + one FMA per 16 useful multiply-adds (half the dense FMA count).
+// Large M is blocked over M and K so the activation block stays in L2 and the weight tile in L1.
+//
+// int8: one chunk = 128 columns = 64 kept values = 16 meta bytes. vpmovzxwq + vpmultishiftqb expand
+// the 2-bit indices to 64 byte indices, vpermi2b gathers 64 activation bytes, vpdpbusd multiplies
+// them (as u8 = x + 128) with the int8 values; the +128 is removed with the row sum of the values.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/sparse24_kernels.h"
+
+#if defined(__x86_64__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,bmi2")
+
+namespace fastdistill::cpu::sparse24::avx512 {
+
+namespace {
+
+constexpr int kNB = 4;  // weight rows per register tile
+constexpr int kMB = 4;  // activation rows per register tile
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// 16 gather indices (0..31) for the 16 kept values of a 32-column chunk.
+inline __m512i decode16(uint32_t meta) {
+  const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  return _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(meta)), shift),
+                                          _mm512_set1_epi32(3)),
+                         base);
+}
+
+template <bool BF16>
+inline __m512 load_values(const void* values, int64_t off, __mmask16 mask) {
+  if constexpr (BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(values) + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(values) + off);
+  }
+}
+
+// Lane l of the result is the horizontal sum of v[l].
+inline __m512 reduce16(const __m512* v) {
+  __m512 u[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512* a = v + 4 * q;
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512d d01 = _mm512_castps_pd(t01), d23 = _mm512_castps_pd(t23);
+    u[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+  }
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[m..m+MB, n..n+NB] += x[m.., chunks c0..c1) . W[n.., chunks c0..c1)^T. The chunk c1 - 1 may be
+// the partial last chunk (tail_vals values, tail_bytes meta bytes), read with masked loads.
+template <int NB, int MB, bool BF16>
+void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, int64_t nfull) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  __m512 acc[MB * NB];
+  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_ps();
+  const float* x = p.x + m * p.ldx;
+  for (int64_t c = c0; c < c1; ++c) {
+    __m512i idx[NB];
+    __m512 w[NB];
+    if (c < nfull) {
+      for (int i = 0; i < NB; ++i) {
+        idx[i] = decode16(load_u32(p.meta + (n + i) * mbytes + 4 * c));
+        w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, 0xFFFF);
+      }
+    } else {  // partial last chunk
+      const int64_t tail_vals = half - 16 * c, tail_bytes = mbytes - 4 * c;
+      const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
+      for (int i = 0; i < NB; ++i) {
+        uint32_t mw = 0;
+        std::memcpy(&mw, p.meta + (n + i) * mbytes + 4 * c, size_t(tail_bytes));
+        idx[i] = decode16(mw);
+        w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, mask);
+      }
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m512 xa = _mm512_loadu_ps(x + j * p.ldx + 32 * c);
+      const __m512 xb = _mm512_loadu_ps(x + j * p.ldx + 32 * c + 16);
+      for (int i = 0; i < NB; ++i)
+        acc[j * NB + i] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx[i], xb), w[i], acc[j * NB + i]);
+    }
+  }
+  if constexpr (NB == 4 && MB == 4) {
+    alignas(64) float s[16];
+    _mm512_store_ps(s, reduce16(acc));
+    for (int j = 0; j < 4; ++j) {
+      float* o = p.out + (m + j) * p.ldo + n;
+      _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_load_ps(s + 4 * j)));
+    }
+  } else {
+    for (int j = 0; j < MB; ++j)
+      for (int i = 0; i < NB; ++i) p.out[(m + j) * p.ldo + n + i] += _mm512_reduce_add_ps(acc[j * NB + i]);
+  }
+}
+
+template <int NB, bool BF16>
+void micro_m(const FloatParams& p, int64_t n, int64_t m, int mb, int64_t c0, int64_t c1, int64_t nfull) {
+  switch (mb) {
+    case 4: micro<NB, 4, BF16>(p, n, m, c0, c1, nfull); break;
+    case 3: micro<NB, 3, BF16>(p, n, m, c0, c1, nfull); break;
+    case 2: micro<NB, 2, BF16>(p, n, m, c0, c1, nfull); break;
+    default: micro<NB, 1, BF16>(p, n, m, c0, c1, nfull); break;
+  }
+}
+
+template <bool BF16>
+void tile(const FloatParams& p, int64_t n, int nb, int64_t m, int mb, int64_t c0, int64_t c1, int64_t nfull) {
+  switch (nb) {
+    case 4: micro_m<4, BF16>(p, n, m, mb, c0, c1, nfull); break;
+    case 3: micro_m<3, BF16>(p, n, m, mb, c0, c1, nfull); break;
+    case 2: micro_m<2, BF16>(p, n, m, mb, c0, c1, nfull); break;
+    default: micro_m<1, BF16>(p, n, m, mb, c0, c1, nfull); break;
+  }
+}
+
+// Large M: vectorise over 64 activation rows instead of over K. For a 6-row weight tile and one
+// 64-row activation block, each kept value (row i, column k) does acc[i][0..3] += w * xt[k][0..63]:
+// one broadcast and 4 FMAs with memory operands, no shuffles. K is blocked so the xt slice stays in
+// L2; partial sums live in a per-call scratch [rows][64].
+template <bool BF16>
+inline float value_at(const void* values, int64_t i) {
+  if constexpr (BF16) {
+    const uint32_t b = uint32_t(static_cast<const uint16_t*>(values)[i]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  } else {
+    return static_cast<const float*>(values)[i];
+  }
+}
+
+template <int NB, bool BF16>
+void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64_t g1, float* scratch) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  __m512 acc[NB][4];
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int i = 0; i < NB; ++i) {
+      const uint32_t code = (p.meta[(n + i) * mbytes + (g >> 1)] >> ((g & 1) * 4)) & 15u;
+      const float* r0 = xt + (4 * g + (code & 3)) * kXtRows;
+      const float* r1 = xt + (4 * g + (code >> 2)) * kXtRows;
+      const __m512 w0 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g));
+      const __m512 w1 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g + 1));
+      for (int v = 0; v < 4; ++v) {
+        acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
+        acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
+}
+
+template <bool BF16>
+void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
+  constexpr int kRows = 6;
+  const int64_t groups = p.K / 4, kbg = 64;  // 256 columns x 64 rows x 4 B = 64 KB of xt per K block
+  const int64_t rows = n1 - n0;
+  std::vector<float> scratch(size_t(rows * kXtRows));
+  for (int64_t mb = 0; mb * kXtRows < p.M; ++mb) {
+    const float* xt = p.xt + mb * p.ldx * kXtRows;
+    std::fill(scratch.begin(), scratch.end(), 0.f);
+    for (int64_t g0 = 0; g0 < groups; g0 += kbg) {
+      const int64_t g1 = std::min(groups, g0 + kbg);
+      for (int64_t n = n0; n < n1; n += kRows) {
+        float* s = scratch.data() + (n - n0) * kXtRows;
+        switch (std::min<int64_t>(kRows, n1 - n)) {
+          case 6: xt_tile<6, BF16>(p, n, xt, g0, g1, s); break;
+          case 5: xt_tile<5, BF16>(p, n, xt, g0, g1, s); break;
+          case 4: xt_tile<4, BF16>(p, n, xt, g0, g1, s); break;
+          case 3: xt_tile<3, BF16>(p, n, xt, g0, g1, s); break;
+          case 2: xt_tile<2, BF16>(p, n, xt, g0, g1, s); break;
+          default: xt_tile<1, BF16>(p, n, xt, g0, g1, s); break;
+        }
+      }
+    }
+    const int64_t m1 = std::min(p.M, (mb + 1) * kXtRows);
+    for (int64_t m = mb * kXtRows; m < m1; ++m) {
+      float* o = p.out + m * p.ldo;
+      const int64_t r = m - mb * kXtRows;
+      for (int64_t n = n0; n < n1; ++n) o[n] += scratch[size_t((n - n0) * kXtRows + r)];
+    }
+  }
+}
+
+template <bool BF16>
+void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
+  if (p.xt != nullptr) return float_linear_xt<BF16>(p, n0, n1);
+  const int64_t half = p.K / 2;
+  const int64_t nfull = half / 16, nchunks = (half + 15) / 16;
+  // Small M: one pass over K per tile (the weights stream once). Large M: block so that the
+  // activation block (mblk rows x kblk chunks) stays in L2 and the 4-row weight tile in L1.
+  const int64_t kblk = p.M <= 16 ? nchunks : 32;
+  const int64_t mblk = p.M <= 16 ? p.M : 64;
+  for (int64_t mb0 = 0; mb0 < p.M; mb0 += mblk) {
+    const int64_t mb1 = std::min(p.M, mb0 + mblk);
+    for (int64_t c0 = 0; c0 < nchunks; c0 += kblk) {
+      const int64_t c1 = std::min(nchunks, c0 + kblk);
+      for (int64_t n = n0; n < n1; n += kNB) {
+        const int nb = int(std::min<int64_t>(kNB, n1 - n));
+        for (int64_t m = mb0; m < mb1; m += kMB)
+          tile<BF16>(p, n, nb, m, int(std::min<int64_t>(kMB, mb1 - m)), c0, c1, nfull);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int8
+// 64 byte indices (0..127) for the 64 kept values of a 128-column chunk (16 meta bytes).
+inline __m512i decode64(__m128i meta) {
+  alignas(64) static const uint8_t kBase[64] = {
+      0,   0,   4,   4,   8,   8,   12,  12,  16,  16,  20,  20,  24,  24,  28,  28,  32,  32,  36,  36,  40,  40,
+      44,  44,  48,  48,  52,  52,  56,  56,  60,  60,  64,  64,  68,  68,  72,  72,  76,  76,  80,  80,  84,  84,
+      88,  88,  92,  92,  96,  96,  100, 100, 104, 104, 108, 108, 112, 112, 116, 116, 120, 120, 124, 124};
+  const __m512i q = _mm512_cvtepu16_epi64(meta);  // qword i holds the 16 meta bits of values 8i..8i+7
+  const __m512i sh = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x0E0C0A0806040200LL), q);
+  return _mm512_or_si512(_mm512_and_si512(sh, _mm512_set1_epi8(3)), _mm512_load_si512(kBase));
+}
+
+template <int NB, int MB>
+void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  const int64_t nfull = half / 64, nchunks = (half + 63) / 64;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i acc[MB * NB];
+  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < nchunks; ++c) {
+    __m512i idx[NB], w[NB];
+    if (c < nfull) {
+      for (int i = 0; i < NB; ++i) {
+        idx[i] = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.meta + (n + i) * mbytes + 16 * c)));
+        w[i] = _mm512_loadu_si512(p.values + (n + i) * half + 64 * c);
+      }
+    } else {
+      const int64_t tail_vals = half - 64 * c, tail_bytes = mbytes - 16 * c;
+      const __mmask64 mask = (tail_vals >= 64) ? ~__mmask64(0) : ((__mmask64(1) << tail_vals) - 1);
+      for (int i = 0; i < NB; ++i) {
+        alignas(16) uint8_t mt[16] = {};
+        std::memcpy(mt, p.meta + (n + i) * mbytes + 16 * c, size_t(tail_bytes));
+        idx[i] = decode64(_mm_load_si128(reinterpret_cast<const __m128i*>(mt)));
+        w[i] = _mm512_maskz_loadu_epi8(mask, p.values + (n + i) * half + 64 * c);
+      }
+    }
+    for (int j = 0; j < MB; ++j) {
+      const int8_t* x = p.xq + (m + j) * p.ldx + 128 * c;
+      const __m512i xa = _mm512_xor_si512(_mm512_loadu_si512(x), flip);  // u8 = x + 128
+      const __m512i xb = _mm512_xor_si512(_mm512_loadu_si512(x + 64), flip);
+      for (int i = 0; i < NB; ++i)
+        acc[j * NB + i] = _mm512_dpbusd_epi32(acc[j * NB + i], _mm512_permutex2var_epi8(xa, idx[i], xb), w[i]);
+    }
+  }
+  for (int j = 0; j < MB; ++j)
+    for (int i = 0; i < NB; ++i) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[j * NB + i]) - 128 * wsum[i];
+      p.out[(m + j) * p.ldo + n + i] =
+          float(dot) * (p.x_scales[m + j] * p.w_scales[n + i]) + (p.bias ? p.bias[n + i] : 0.f);
+    }
+}
+
+template <int NB>
+void micro_i8_m(const Int8Params& p, int64_t n, int64_t m, int mb, const int32_t* wsum) {
+  switch (mb) {
+    case 4: micro_i8<NB, 4>(p, n, m, wsum); break;
+    case 3: micro_i8<NB, 3>(p, n, m, wsum); break;
+    case 2: micro_i8<NB, 2>(p, n, m, wsum); break;
+    default: micro_i8<NB, 1>(p, n, m, wsum); break;
+  }
+}
+
+int32_t row_sum_i8(const int8_t* v, int64_t len) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= len; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(v + i));
+  if (i < len) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8((__mmask64(1) << (len - i)) - 1, v + i));
+  return _mm512_reduce_add_epi32(acc);
+}
+
+}  // namespace
+
+void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
+  if (p.values_bf16) float_linear_t<true>(p, n0, n1);
+  else float_linear_t<false>(p, n0, n1);
+}
+
+void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
+  const int64_t half = p.K / 2;
+  const int64_t mblk = std::max<int64_t>(kMB, ((256 << 10) / std::max<int64_t>(p.ldx, 1)) / kMB * kMB);
+  for (int64_t mb0 = 0; mb0 < p.M; mb0 += mblk) {
+    const int64_t mb1 = std::min(p.M, mb0 + mblk);
+    for (int64_t n = n0; n < n1; n += kNB) {
+      const int nb = int(std::min<int64_t>(kNB, n1 - n));
+      int32_t wsum[kNB];
+      for (int i = 0; i < nb; ++i) wsum[i] = row_sum_i8(p.values + (n + i) * half, half);
+      for (int64_t m = mb0; m < mb1; m += kMB) {
+        const int mb = int(std::min<int64_t>(kMB, mb1 - m));
+        switch (nb) {
+          case 4: micro_i8_m<4>(p, n, m, mb, wsum); break;
+          case 3: micro_i8_m<3>(p, n, m, mb, wsum); break;
+          case 2: micro_i8_m<2>(p, n, m, mb, wsum); break;
+          default: micro_i8_m<1>(p, n, m, mb, wsum); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fastdistill::cpu::sparse24::avx512
+#endif

@@ -1,0 +1,95 @@
+"""Benchmark cases for the fused distillation loss: fastdistill vs eager PyTorch and torch.compile
+of the same formula (forward KL, batchmean, T = 2), forward alone and forward + backward."""
+import subprocess
+import sys
+
+import torch
+
+from fastdistill.bench.common import Case
+from fastdistill.loss import kd_loss
+from fastdistill.reference import kd_loss_eager
+
+FULL_SHAPES = [(4096, 32000), (1024, 128256), (8192, 1000)]
+QUICK_SHAPES = [(512, 32000), (64, 128256), (1024, 1000)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE = 2.0
+
+
+def _fused(s, t):
+    return kd_loss(s, t, temperature=TEMPERATURE)
+
+
+def _eager(s, t):
+    return kd_loss_eager(s, t, TEMPERATURE)
+
+
+_compiled = None
+
+
+def _compiled_eager(s, t):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(kd_loss_eager)
+    return _compiled(s, t, TEMPERATURE)
+
+
+def _forward(fn, s, t):
+    def run():
+        with torch.no_grad():
+            return fn(s, t)
+    return run
+
+
+def _forward_backward(fn, s, t):
+    def run():
+        fn(s, t).backward()
+        s.grad = None
+    return run
+
+
+def cases(quick: bool = False, device: str = "cpu"):
+    out = []
+    for rows, vocab in (QUICK_SHAPES if quick else FULL_SHAPES):
+        for name, dtype in DTYPES.items():
+            g = torch.Generator(device=device).manual_seed(0)
+            s = (torch.randn(rows, vocab, generator=g, device=device) * 3).to(dtype).requires_grad_()
+            t = (torch.randn(rows, vocab, generator=g, device=device) * 3).to(dtype)
+            logits_bytes = rows * vocab * s.element_size()
+            shape = f"{rows}x{vocab}"
+            for op, wrap, nbytes in [("kd_loss fwd", _forward, 2 * logits_bytes),
+                                     ("kd_loss fwd+bwd", _forward_backward, 5 * logits_bytes)]:
+                out.append(Case(
+                    family="kd", op=op, shape=shape, dtype=name, run=wrap(_fused, s, t),
+                    baselines={"eager": wrap(_eager, s, t), "torch.compile": wrap(_compiled_eager, s, t)},
+                    bytes=nbytes, note="forward KL, T=2, batchmean"))
+    return out
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, torch
+import fastdistill
+from fastdistill.reference import kd_loss_eager
+rows, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
+s = torch.randn(rows, vocab).to(dtype).requires_grad_(); t = torch.randn(rows, vocab).to(dtype)
+if which == "fastdistill":
+    fn = lambda: fastdistill.kd_loss(s, t, temperature=2.0)
+elif which == "eager":
+    fn = lambda: kd_loss_eager(s, t, 2.0)
+else:
+    compiled = torch.compile(kd_loss_eager)
+    fn = lambda: compiled(s, t, 2.0)
+fn().backward(); s.grad = None
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn().backward()
+extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(extra * 1024 / (rows * vocab * s.element_size()))
+"""
+
+
+def peak_memory(rows: int, vocab: int, dtype: str = "float32", which: str = "fastdistill") -> float:
+    """Extra peak memory of one forward+backward step beyond the inputs and the gradient (which the
+    warm-up step already holds), in units of one logits tensor. Runs in a fresh process so that the
+    high-water mark belongs to this step alone."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows), str(vocab), dtype, which],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
