@@ -101,25 +101,22 @@ def _reference(s, t, lab, grad_rows, *, div, T, beta, hw, dtype):
 def _check(s, t, lab, grad_rows, loss, stats, grad, *, div, T, beta, hw):
     ref_loss, ref_grad = _reference(s, t, lab, grad_rows, div=div, T=T, beta=beta, hw=hw, dtype=torch.float64)
     f32_loss, f32_grad = _reference(s, t, lab, grad_rows, div=div, T=T, beta=beta, hw=hw, dtype=torch.float32)
-    assert loss.dtype == torch.float32 and stats.shape == (s.shape[0], 4)
+    assert loss.dtype == torch.float32 and stats.shape == (s.shape[0], 8)
     assert grad.dtype == s.dtype and grad.shape == s.shape
     # flash-attention's rule: at most 2x the error of plain PyTorch (fp32 compute), plus a floor; the
-    # gradient is stored in the student's dtype, so its rounding is allowed on top, and the backward reads
-    # logsumexps saved in fp32 (one ulp of |logit| / T, relative to the gradient's scale).
+    # gradient is stored in the student's dtype, so its rounding is allowed on top.
     err = (loss.double() - ref_loss).abs().max()
     base = (f32_loss - ref_loss).abs().max()
     assert err <= 2 * base + 1e-5 * (1 + ref_loss.abs().max()), (err, base)
     gerr = (grad.double() - ref_grad).abs().max()
     gbase = (f32_grad - ref_grad).abs().max()
     eps = torch.finfo(s.dtype).eps
-    lse_ulp = torch.finfo(torch.float32).eps * (1 + s.double().abs().nan_to_num(0, 0, 0).max() / min(T, 1.0))
-    scale = max(ref_grad.abs().max(), T * grad_rows.max())  # soft_coef / T = T: the coefficient of dD/db
-    assert gerr <= 2 * gbase + eps * ref_grad.abs().max() + lse_ulp * scale + 1e-6, (gerr, gbase)
-    # statistics: the two logsumexps at temperature T
-    lse_s = torch.logsumexp(s.double() / T, -1)
-    lse_t = torch.logsumexp(t.double() / T, -1)
-    torch.testing.assert_close(stats[:, 0].double(), lse_s, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats[:, 1].double(), lse_t, rtol=1e-5, atol=1e-5)
+    assert gerr <= 2 * gbase + eps * ref_grad.abs().max() + 1e-6, (gerr, gbase)
+    # statistics: each logsumexp at temperature T as (raw max, log sum exp((x - max) / T))
+    for col, x in ((0, s), (2, t)):
+        torch.testing.assert_close(stats[:, col].double(), x.double().amax(-1))
+        torch.testing.assert_close(stats[:, col].double() / T + stats[:, col + 1].double(),
+                                   torch.logsumexp(x.double() / T, -1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
@@ -156,7 +153,8 @@ def test_kd_loss_hard_labels(div, beta, T, dtype):
     _check(*out, **kw)
     ignored = lab == -100
     assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
-    torch.testing.assert_close(stats[:, 2].double(), torch.logsumexp(s.double(), -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[:, 0].double() + stats[:, 4].double(), torch.logsumexp(s.double(), -1),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
@@ -401,7 +399,9 @@ def test_sparse24_int8_linear(M, N, K, dense_fallback):
         ref = acc.float() * (sx[:, None] * ws[None]) + (bias if bias is not None else 0)
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
         if _has_cpu("sparse24_int8_linear") and not (dense_fallback and M > 16):
-            assert torch.equal(y, torch.ops.fastdistill.sparse24_int8_linear(x, values, meta, ws, bias))
+            # same exact int32 sums; the CPU's SIMD epilogues may fuse the multiply-add (1 ulp)
+            y_cpu = torch.ops.fastdistill.sparse24_int8_linear(x, values, meta, ws, bias)
+            torch.testing.assert_close(y, y_cpu, rtol=1e-6, atol=1e-6)
 
 
 def test_sparse24_errors():

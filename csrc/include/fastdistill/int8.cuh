@@ -164,8 +164,10 @@ FD_KERNEL void __launch_bounds__(32 * kGemvWarps) int8_wo_gemv_kernel(GemvParams
 }
 
 // ------------------------------------------------------- epilogue after torch._int_mm (M > 16)
-// out[m, n] = fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n]); grid-stride over m * n.
-FD_KERNEL void int8_dequant_epilogue_kernel(const int32_t* acc, int64_t m, int64_t n, const float* x_scales,
+// out[m, n] = fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n]); grid-stride over m * n. (A template, as
+// every kernel in a header is: several .cu files include this one.)
+template <class Acc>
+FD_KERNEL void int8_dequant_epilogue_kernel(const Acc* acc, int64_t m, int64_t n, const float* x_scales,
                                             const float* w_scales, const float* bias, void* out, OutKind kind) {
   const int64_t total = m * n;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -228,7 +230,7 @@ inline void int8_epilogue_launch(const int32_t* acc, int64_t m, int64_t n, const
   if (total == 0) return;
   int64_t blocks = (total + 255) / 256;
   if (blocks > max_blocks) blocks = max_blocks;
-  simt::launch(&int8_dequant_epilogue_kernel, dim3(unsigned(blocks)), dim3(256), 0, stream, acc, m, n, x_scales,
+  simt::launch(&int8_dequant_epilogue_kernel<int32_t>, dim3(unsigned(blocks)), dim3(256), 0, stream, acc, m, n, x_scales,
                w_scales, bias, out, kind);
 }
 

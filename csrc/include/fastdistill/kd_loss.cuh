@@ -75,8 +75,6 @@ FD_DEVICE void for_range(int64_t e0, int64_t e1, const RowSplit& rs, F& f) {
 }
 
 // ------------------------------------------------------------------------------------------ forward
-FD_DEVICE float nz_exp(float x, float m) { return x == -INFINITY ? 0.f : expf(x - m); }
-
 // Per-thread accumulation of one row range into a KdPartial (same definition as the CPU kernels).
 template <class Ts, class Tt>
 struct KdAccum {
@@ -84,32 +82,30 @@ struct KdAccum {
   const Ts* s;
   const Tt* t;
   float inv_t;
-  bool teacher_primary, hard;
+  bool teacher_primary, hard;  // hard: z_h (student at T = 1) kept separately
   KdPartial st;
 
+  // Maxima are of the raw logits; every exponent is (x - max) / T (kd_loss.h).
   FD_DEVICE void add(int n, const float* xs, const float* xt) {
-    float bt[VEC], at[VEC];
-    float ms = st.m_s, mt = st.m_t, mh = st.m_h;
+    float ms = st.m_s, mt = st.m_t;
     for (int i = 0; i < n; ++i) {
-      bt[i] = xs[i] * inv_t;
-      at[i] = xt[i] * inv_t;
-      ms = fmaxf(ms, bt[i]);
-      mt = fmaxf(mt, at[i]);
-      if (hard) mh = fmaxf(mh, xs[i]);
+      ms = fmaxf(ms, xs[i]);
+      mt = fmaxf(mt, xt[i]);
     }
-    if (ms != st.m_s || mt != st.m_t || mh != st.m_h) kd_recentre(st, mt, ms, mh, teacher_primary);
+    if (ms != st.m_s || mt != st.m_t) kd_recentre(st, mt, ms, inv_t, teacher_primary);
+    const float rt = mt == -INFINITY ? 0.f : mt, rs = ms == -INFINITY ? 0.f : ms;
     for (int i = 0; i < n; ++i) {
-      const float et = nz_exp(at[i], mt), es = nz_exp(bt[i], ms);
-      st.z_t += et;
-      st.z_s += es;
-      const float eP = teacher_primary ? et : es;
-      if (eP > 0.f) {
-        const float dP = teacher_primary ? at[i] - mt : bt[i] - ms;
-        const float xQ = teacher_primary ? bt[i] : at[i], mQ = teacher_primary ? ms : mt;
-        const float dQ = xQ == -INFINITY ? -INFINITY : xQ - mQ;
-        st.w += eP * (dP - dQ);
+      const float ds = xs[i] - rs;
+      const float ua = (xt[i] - rt) * inv_t, ub = ds * inv_t;
+      const float ea = expf(ua), eb = expf(ub);
+      st.z_t += ea;
+      st.z_s += eb;
+      if (teacher_primary) {
+        if (ea > 0.f) st.w += ea * (ua - ub);
+      } else {
+        if (eb > 0.f) st.w += eb * (ub - ua);
       }
-      if (hard) st.z_h += nz_exp(xs[i], mh);
+      if (hard) st.z_h += expf(ds);
     }
   }
   FD_DEVICE void scalar(int64_t j) {
@@ -144,34 +140,35 @@ FD_DEVICE KdPartial shfl_partial(const KdPartial& x, int o) {
   y.z_t = __shfl_xor_sync(0xffffffffu, x.z_t, o);
   y.m_s = __shfl_xor_sync(0xffffffffu, x.m_s, o);
   y.z_s = __shfl_xor_sync(0xffffffffu, x.z_s, o);
-  y.w = __shfl_xor_sync(0xffffffffu, x.w, o);
-  y.m_h = __shfl_xor_sync(0xffffffffu, x.m_h, o);
   y.z_h = __shfl_xor_sync(0xffffffffu, x.z_h, o);
+  y.w = __shfl_xor_sync(0xffffffffu, x.w, o);
   return y;
 }
 
 // Block-wide merge; the result is valid in warp 0. blockDim.x must be a multiple of 32.
-FD_DEVICE KdPartial block_merge(KdPartial x, bool teacher_primary) {
+FD_DEVICE KdPartial block_merge(KdPartial x, float inv_t, bool teacher_primary) {
   FD_SHARED(KdPartial, warp_states, 32);
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5, nwarps = int(blockDim.x) >> 5;
-  for (int o = 16; o > 0; o >>= 1) x = kd_merge(x, shfl_partial(x, o), teacher_primary);
+  for (int o = 16; o > 0; o >>= 1) x = kd_merge(x, shfl_partial(x, o), inv_t, teacher_primary);
   if (lane == 0) warp_states[warp] = x;
   __syncthreads();
   if (warp == 0) {
     x = lane < nwarps ? warp_states[lane] : KdPartial{};
-    for (int o = 16; o > 0; o >>= 1) x = kd_merge(x, shfl_partial(x, o), teacher_primary);
+    for (int o = 16; o > 0; o >>= 1) x = kd_merge(x, shfl_partial(x, o), inv_t, teacher_primary);
   }
   return x;
 }
 
+// The row loss from the divergence and the statistics (the CPU's finish_row).
 template <class Ts>
-FD_DEVICE float kd_row_loss(const KdLossParams& p, int64_t row, float D, float lse_h) {
+FD_DEVICE float kd_row_loss(const KdLossParams& p, int64_t row, float D, const KdRowGrad& lse) {
   if (!p.counted(row)) return 0.f;
   float loss = p.soft_coef != 0.f ? p.soft_coef * D : 0.f;
   if (p.has_hard()) {
     const int64_t label = p.labels[row];
     const Ts* s = static_cast<const Ts*>(p.student) + p.student_rows.offset(row);
-    loss += label >= 0 && label < p.vocab ? p.hard_weight * (lse_h - to_float(s[label])) : NAN;
+    // labels are not range-checked on the device (that needs a host sync): out of range gives NaN
+    loss += label >= 0 && label < p.vocab ? p.hard_weight * ((lse.m_s - to_float(s[label])) + lse.lz_h) : NAN;
   }
   return loss;
 }
@@ -179,16 +176,16 @@ FD_DEVICE float kd_row_loss(const KdLossParams& p, int64_t row, float D, float l
 // Finishes a row from its merged state: statistics, and (except JSD) the row loss.
 template <class Ts>
 FD_DEVICE void kd_finish(const KdLossParams& p, int64_t row, const KdPartial& x, float* row_loss, float* stats) {
-  const float A = x.m_t + logf(x.z_t), B = x.m_s + logf(x.z_s);
-  const float L1 = p.has_hard() ? (p.separate_hard_lse() ? x.m_h + logf(x.z_h) : B) : 0.f;
-  float* st = stats + row * kNumStats;
-  st[kStatLseStudent] = B;
-  st[kStatLseTeacher] = A;
-  st[kStatLseHard] = L1;
-  if (p.divergence == Divergence::jsd) return;  // aux and the loss come from the second pass
+  KdRowGrad lse = kd_row_lse(x, p.separate_hard_lse());
+  if (p.divergence == Divergence::jsd) {  // aux and the loss come from the second pass
+    kd_store_stats(lse, stats + row * kNumStats);
+    return;
+  }
   const float D = kd_kl_from_state(x, p.divergence);
-  st[kStatAux] = p.divergence == Divergence::reverse_kl ? D : 0.f;
-  row_loss[row] = kd_row_loss<Ts>(p, row, D, L1);
+  lse.aux = p.divergence == Divergence::reverse_kl ? D : 0.f;
+  row_loss[row] = kd_row_loss<Ts>(p, row, D, lse);
+  if (!p.has_hard()) lse.lz_h = 0.f;
+  kd_store_stats(lse, stats + row * kNumStats);
 }
 
 // grid.x = rows * splits; ws: [rows, splits] KdPartial (unused when splits == 1).
@@ -208,7 +205,7 @@ FD_KERNEL void __launch_bounds__(1024) kd_forward_kernel(KdLossParams p, float* 
   int64_t e0, e1;
   split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
   for_range<VEC>(e0, e1, rs, acc);
-  const KdPartial x = block_merge(acc.st, acc.teacher_primary);
+  const KdPartial x = block_merge(acc.st, acc.inv_t, acc.teacher_primary);
   if (threadIdx.x == 0) {
     if (splits == 1) kd_finish<Ts>(p, row, x, row_loss, stats);
     else ws[row * splits + k] = x;
@@ -223,7 +220,7 @@ FD_KERNEL void kd_forward_merge_kernel(KdLossParams p, float* row_loss, float* s
   if (row >= p.rows) return;
   const bool tp = kd_teacher_primary(p.divergence);
   KdPartial x = ws[row * splits];
-  for (int k = 1; k < splits; ++k) x = kd_merge(x, ws[row * splits + k], tp);
+  for (int k = 1; k < splits; ++k) x = kd_merge(x, ws[row * splits + k], p.inv_temperature, tp);
   kd_finish<Ts>(p, row, x, row_loss, stats);
 }
 
@@ -235,7 +232,7 @@ FD_DEVICE float log_add_exp(float x, float y) {
 }
 
 struct JsdConsts {
-  float A, B, log_beta, log_1m_beta;
+  float m_t, lz_t, m_s, lz_s, log_beta, log_1m_beta;
 };
 
 template <class Ts, class Tt>
@@ -248,7 +245,7 @@ struct JsdAccum {
   float kp = 0.f, kq = 0.f;  // KL(p||M), KL(q||M)
 
   FD_DEVICE void add1(float xs, float xt) {
-    const float lp = xt * inv_t - c.A, lq = xs * inv_t - c.B;
+    const float lp = (xt - c.m_t) * inv_t - c.lz_t, lq = (xs - c.m_s) * inv_t - c.lz_s;
     const float lm = log_add_exp(lp + c.log_beta, lq + c.log_1m_beta);
     const float pp = expf(lp), qq = expf(lq);
     if (pp > 0.f) kp += pp * (lp - lm);
@@ -271,15 +268,18 @@ struct JsdAccum {
 };
 
 FD_DEVICE JsdConsts jsd_consts(const KdLossParams& p, const float* stats, int64_t row) {
-  return {stats[row * kNumStats + kStatLseTeacher], stats[row * kNumStats + kStatLseStudent], logf(p.beta),
-          log1pf(-p.beta)};
+  const KdRowGrad r = kd_load_stats(stats + row * kNumStats);
+  return {r.m_t, r.lz_t, r.m_s, r.lz_s, logf(p.beta), log1pf(-p.beta)};
 }
 
 template <class Ts>
 FD_DEVICE void jsd_finish(const KdLossParams& p, int64_t row, float kp, float kq, float* row_loss, float* stats) {
   const float D = p.beta * kp + (1.f - p.beta) * kq;
-  stats[row * kNumStats + kStatAux] = kq;
-  row_loss[row] = kd_row_loss<Ts>(p, row, D, stats[row * kNumStats + kStatLseHard]);
+  float* st = stats + row * kNumStats;
+  KdRowGrad lse = kd_load_stats(st);
+  row_loss[row] = kd_row_loss<Ts>(p, row, D, lse);
+  st[kStatAux] = kq;
+  if (!p.has_hard()) st[kStatLogSumHard] = 0.f;
 }
 
 // grid.x = rows * splits; ws: [rows, splits, 2] partial (kp, kq) sums (unused when splits == 1).
@@ -339,23 +339,26 @@ struct KdGrad {
   const Ts* s;
   const Tt* t;
   Ts* g;
-  float inv_t, soft, hard, B, A, L1, aux, beta, log_beta, log_1m_beta;
+  float inv_t, soft, hard, beta, log_beta, log_1m_beta;
+  KdRowGrad r;
   Divergence div;
   int64_t label;
-  bool zero;
+  bool zero, separate_hard;
 
+  // The CPU's backward_range, element by element.
   FD_DEVICE float grad1(int64_t j, float xs, float xt) const {
     if (zero) return 0.f;
-    float out = 0.f;
-    if (soft != 0.f) {
-      const float lq = xs * inv_t - B, lp = xt * inv_t - A, q = expf(lq);
-      float d;
-      if (div == Divergence::forward_kl) d = q - expf(lp);
-      else if (div == Divergence::reverse_kl) d = q > 0.f ? q * (lq - lp - aux) : 0.f;
-      else d = q > 0.f ? (1.f - beta) * q * (lq - log_add_exp(lp + log_beta, lq + log_1m_beta) - aux) : 0.f;
-      out = soft * d;
+    const float ds = xs - r.m_s;
+    const float la = (xt - r.m_t) * inv_t - r.lz_t, lb = ds * inv_t - r.lz_s, q = expf(lb);
+    float d;
+    if (div == Divergence::forward_kl) d = q - expf(la);
+    else if (div == Divergence::reverse_kl) d = q > 0.f ? q * (lb - la - r.aux) : 0.f;
+    else d = q > 0.f ? q * (lb - log_add_exp(la + log_beta, lb + log_1m_beta) - r.aux) : 0.f;
+    float out = soft * d;
+    if (hard != 0.f) {
+      out = fmaf(hard, separate_hard ? expf(ds - r.lz_h) : q, out);
+      if (j == label) out -= hard;
     }
-    if (hard != 0.f) out += hard * (expf(xs - L1) - (j == label ? 1.f : 0.f));
     return out;
   }
   FD_DEVICE void scalar(int64_t j) { from_float(grad1(j, to_float(s[j]), to_float(t[j])), g + j); }
@@ -384,15 +387,13 @@ FD_KERNEL void __launch_bounds__(1024) kd_backward_kernel(KdLossParams p, const 
   f.t = static_cast<const Tt*>(p.teacher) + p.teacher_rows.offset(row);
   f.g = grad + row * p.vocab;
   const float gr = p.counted(row) ? grad_rows[row] : 0.f;
-  const float* st = stats + row * kNumStats;
+  f.r = kd_load_stats(stats + row * kNumStats);
   f.inv_t = p.inv_temperature;
-  f.soft = gr * p.soft_coef * p.inv_temperature;
+  f.soft = p.divergence == Divergence::jsd ? gr * p.soft_coef * p.inv_temperature * (1.f - p.beta)
+                                           : gr * p.soft_coef * p.inv_temperature;
   f.hard = p.has_hard() ? gr * p.hard_weight : 0.f;
-  f.zero = gr == 0.f;
-  f.B = st[kStatLseStudent];
-  f.A = st[kStatLseTeacher];
-  f.L1 = st[kStatLseHard];
-  f.aux = st[kStatAux];
+  f.zero = !p.counted(row);
+  f.separate_hard = p.separate_hard_lse();
   f.div = p.divergence;
   f.beta = p.beta;
   f.log_beta = logf(p.beta);
