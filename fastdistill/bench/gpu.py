@@ -24,6 +24,12 @@ TARGETS = {
     "sparse": ("2:4 GEMV M=1", ">= 1.6x cuBLAS dense bf16", 1.6),
 }
 
+
+def _with_target(op: str, family: str, applies: bool) -> str:
+    """The op name as printed by `fastdistill bench --device cuda`, carrying the issue's target."""
+    return f"{op} [target {TARGETS[family][1]}]" if applies else op
+
+
 GEMV_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]  # (K, N)
 QUICK_GEMV_SHAPES = [(4096, 4096)]
 
@@ -45,7 +51,8 @@ def _kd_cases(quick: bool, device: str) -> List[Case]:
     compiled = torch.compile(kd_loss_eager)
     elem = rows * V
     return [Case(
-        family="kd", op="kd_loss fwd+bwd", shape=f"{rows}x{V}", dtype="bf16",
+        family="kd", op=_with_target("kd_loss fwd+bwd", "kd", (rows, V) == (8192, 128256)),
+        shape=f"{rows}x{V}", dtype="bf16",
         run=fwd_bwd(lambda a, b: kd_loss(a, b, temperature=2.0)),
         baselines={"eager": fwd_bwd(lambda a, b: kd_loss_eager(a, b, 2.0)),
                    "torch.compile": fwd_bwd(lambda a, b: compiled(a, b, 2.0))},
@@ -74,7 +81,8 @@ def _int8_cases(quick: bool, device: str) -> List[Case]:
             if m > 16:
                 base["torch._int_mm"] = lambda xq=xq: torch._int_mm(xq, qt.next()[0].t())
             out.append(Case(
-                family="int8", op="int8_linear", shape=f"M={m} K={k} N={n}", dtype="bf16 x / int8 w",
+                family="int8", op=_with_target("int8_linear", "int8", m == 1), shape=f"M={m} K={k} N={n}",
+                dtype="bf16 x / int8 w",
                 run=lambda x=x: ops.int8_linear(x, *ours.next()), baselines=base,
                 bytes=n * k + 4 * n + 2 * m * (k + n), flops=2 * m * n * k, cold=m <= 16, peak_kind="int8",
                 note=("target " + TARGETS["int8"][1]) if m == 1 else "",
@@ -108,7 +116,8 @@ def _sparse_cases(quick: bool, device: str) -> List[Case]:
             if semi is not None:
                 base["to_sparse_semi_structured"] = lambda x=x: F.linear(x, *semi.next())
             out.append(Case(
-                family="sparse", op="sparse24_linear", shape=f"M={m} K={k} N={n}", dtype="bf16",
+                family="sparse", op=_with_target("sparse24_linear", "sparse", m == 1), shape=f"M={m} K={k} N={n}",
+                dtype="bf16",
                 run=lambda x=x: ops.sparse24_linear(x, *ours.next(), None), baselines=base,
                 bytes=n * k + n * k // 8 + 2 * m * (k + n), flops=2 * m * n * k, cold=m <= 16,
                 note=(("target " + TARGETS["sparse"][1]) if m == 1 else "")
