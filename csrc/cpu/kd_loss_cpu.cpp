@@ -137,12 +137,7 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
   KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                                  soft_coef, hard_weight);
   const KdLossParams& p = args.params;
-  TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.numel() == p.rows,
-              "fastdistill.kd_loss_backward: grad_rows must be float32 with ", p.rows, " elements, got ",
-              grad_rows.scalar_type(), " ", grad_rows.sizes());
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.rows, kNumStats}),
-              "fastdistill.kd_loss_backward: stats must be float32 [", p.rows, ", ", int(kNumStats), "], got ",
-              stats.scalar_type(), " ", stats.sizes());
+  kd_check_backward(grad_rows, stats, p, student.device());
   at::Tensor grad = empty_reusable(student.sizes(), student.options());
   const at::Tensor g_rows = grad_rows.contiguous(), st = stats.contiguous();
   const float* g = g_rows.data_ptr<float>();

@@ -7,33 +7,13 @@
 #include <torch/library.h>
 
 #include "cuda/int8_glue.h"
-#include "cuda/int8_launch.h"
+#include "cuda/int8_backend.h"
 
 namespace {
 
 using namespace fastdistill;
 
-struct CudaBackend {
-  bool int_mm = true;
-  cudaStream_t s = c10::cuda::getCurrentCUDAStream().stream();
-  void quantize(DType t, const int8::QuantParams& p) {
-    int8::quantize_rows_cuda(t, p, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void gemv(const int8::GemvParams& p, bool weight_only) {
-    int8::gemv_cuda(p, weight_only, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void to_f32(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t kp, float* out) {
-    int8::to_f32_padded_cuda(t, x, rows, ldx, k, kp, out, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void epilogue(const int32_t* acc, int64_t m, int64_t n, const float* xs, const float* ws, const float* bias,
-                void* out, int8::OutKind kind) {
-    int8::epilogue_cuda(acc, m, n, xs, ws, bias, out, kind, 4096, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
+using CudaBackend = Int8CudaBackend;
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   c10::cuda::CUDAGuard g(x.device());

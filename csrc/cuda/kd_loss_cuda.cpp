@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/kd_loss_glue.h"
+#include "kd_loss_args.h"
 #include "cuda/kd_loss_launch.h"
 
 namespace {
@@ -47,7 +47,7 @@ at::Tensor kd_loss_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& 
   c10::cuda::CUDAGuard guard(student.device());
   KdLossArgs a = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                             soft_coef, hard_weight);
-  glue::kd_check_backward(grad_rows, stats, a.params, student.device());
+  kd_check_backward(grad_rows, stats, a.params, student.device());
   at::Tensor g = grad_rows.contiguous(), st = stats.contiguous();
   at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
   if (a.params.rows == 0) return grad;

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/int8_launch.h"
+#include "cuda/int8_backend.h"
 #include "cuda/sparse24_glue.h"
 #include "cuda/sparse24_launch.h"
 
@@ -14,33 +14,15 @@ namespace {
 
 using namespace fastdistill;
 
-struct CudaBackend {
+struct CudaBackend : Int8CudaBackend {
+  using Int8CudaBackend::gemv;
   bool dense_fallback = true;
-  bool int_mm = true;
-  cudaStream_t s = c10::cuda::getCurrentCUDAStream().stream();
   void gemv(sparse24::ValKind vk, const sparse24::Sparse24Params& p, bool vec) {
     sparse24::gemv_cuda(vk, p, vec, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   void decompress(sparse24::ValKind vk, const void* v, const uint8_t* m, int64_t n, int64_t k, void* dense) {
     sparse24::decompress_cuda(vk, v, m, n, k, dense, 4096, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void quantize(DType t, const int8::QuantParams& p) {
-    int8::quantize_rows_cuda(t, p, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void to_f32(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t kp, float* out) {
-    int8::to_f32_padded_cuda(t, x, rows, ldx, k, kp, out, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void epilogue(const int32_t* acc, int64_t m, int64_t n, const float* xs, const float* ws, const float* bias,
-                void* out, int8::OutKind kind) {
-    int8::epilogue_cuda(acc, m, n, xs, ws, bias, out, kind, 4096, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void gemv(const int8::GemvParams& p, bool weight_only) {
-    int8::gemv_cuda(p, weight_only, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -3,24 +3,13 @@
 #include <torch/library.h>
 
 #include "cuda/int8_glue.h"
-#include "fastdistill/int8.cuh"
+#include "simt/int8_backend.h"
 
 namespace {
 
 using namespace fastdistill;
 
-struct SimtBackend {
-  bool int_mm = true;  // M > 16 through torch._int_mm (CPU here) + the emulated epilogue kernel
-  void quantize(DType t, const int8::QuantParams& p) { int8::quantize_rows_launch(t, p, nullptr); }
-  void gemv(const int8::GemvParams& p, bool weight_only) { int8::int8_gemv_launch(p, weight_only, nullptr); }
-  void to_f32(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t kp, float* out) {
-    int8::to_f32_padded_launch(t, x, rows, ldx, k, kp, out, nullptr);
-  }
-  void epilogue(const int32_t* acc, int64_t m, int64_t n, const float* xs, const float* ws, const float* bias,
-                void* out, int8::OutKind kind) {
-    int8::int8_epilogue_launch(acc, m, n, xs, ws, bias, out, kind, 16, nullptr);
-  }
-};
+using SimtBackend = Int8SimtBackend;
 
 SimtBackend backend(bool int_mm) {
   SimtBackend b;

@@ -3,7 +3,7 @@
 // choice the CUDA path would make on a GPU with 8 multiprocessors).
 #include <torch/library.h>
 
-#include "cuda/kd_loss_glue.h"
+#include "kd_loss_args.h"
 #include "fastdistill/kd_loss.cuh"
 
 #include <string>
@@ -48,7 +48,7 @@ at::Tensor kd_loss_backward_simt(const at::Tensor& grad_rows, const at::Tensor& 
   check_knobs(threads, splits);
   KdLossArgs a = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                             soft_coef, hard_weight);
-  glue::kd_check_backward(grad_rows, stats, a.params, student.device());
+  kd_check_backward(grad_rows, stats, a.params, student.device());
   at::Tensor g = grad_rows.contiguous(), st = stats.contiguous();
   at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
   const auto c = kd::kd_launch_config(a.params.rows, a.params.vocab, kd::kd_vec_for(a.params.student_dtype, a.params.teacher_dtype),

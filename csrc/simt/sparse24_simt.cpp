@@ -4,28 +4,20 @@
 
 #include "cuda/sparse24_glue.h"
 #include "fastdistill/sparse24.cuh"
+#include "simt/int8_backend.h"
 
 namespace {
 
 using namespace fastdistill;
 
-struct SimtBackend {
+struct SimtBackend : Int8SimtBackend {
+  using Int8SimtBackend::gemv;
   bool dense_fallback = true;
-  bool int_mm = true;
   void gemv(sparse24::ValKind vk, const sparse24::Sparse24Params& p, bool vec) {
     sparse24::sparse24_gemv_launch(vk, p, vec, nullptr);
   }
   void decompress(sparse24::ValKind vk, const void* v, const uint8_t* m, int64_t n, int64_t k, void* dense) {
     sparse24::sparse24_decompress_launch(vk, v, m, n, k, dense, 16, nullptr);
-  }
-  void quantize(DType t, const int8::QuantParams& p) { int8::quantize_rows_launch(t, p, nullptr); }
-  void to_f32(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t kp, float* out) {
-    int8::to_f32_padded_launch(t, x, rows, ldx, k, kp, out, nullptr);
-  }
-  void gemv(const int8::GemvParams& p, bool weight_only) { int8::int8_gemv_launch(p, weight_only, nullptr); }
-  void epilogue(const int32_t* acc, int64_t m, int64_t n, const float* xs, const float* ws, const float* bias,
-                void* out, int8::OutKind kind) {
-    int8::int8_epilogue_launch(acc, m, n, xs, ws, bias, out, kind, 16, nullptr);
   }
 };
 
