@@ -185,18 +185,25 @@ def test_isa_paths_agree():
         assert torch.allclose(o, outs[0], atol=1e-5)
 
 
-def test_thread_count_does_not_change_results():
-    values, meta = _sparse(64, 256)
-    x = torch.randn(40, 256)
+@pytest.mark.parametrize("m,n,k", [(40, 64, 256), (1, 1000, 512), (70, 333, 260), (3, 37, 100)])
+def test_thread_count_does_not_change_results(isa, m, n, k):
+    values, meta = _sparse(n, k)
+    q = values.clamp(-1, 1).mul(100).round().to(torch.int8)
+    scales = torch.rand(n) + 0.5
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
     prev = torch.get_num_threads()
+    outs = []
     try:
-        torch.set_num_threads(1)
-        a = ops.sparse24_linear(x, values, meta, None)
-        torch.set_num_threads(max(2, prev))
-        b = ops.sparse24_linear(x, values, meta, None)
+        for threads in (1, max(2, prev), 3):
+            torch.set_num_threads(threads)
+            outs.append((ops.sparse24_linear(x, values, meta, bias),
+                         ops.sparse24_int8_linear(x, q, meta, scales, bias)))
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(a, b)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0])
+        assert torch.equal(b, outs[0][1])
 
 
 def test_opcheck():
