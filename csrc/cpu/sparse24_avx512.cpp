@@ -213,9 +213,54 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   }
 }
 
+// M = 1 (GEMV): one weight row at a time, so the values and the meta are each read as one
+// sequential stream (the whole column block is contiguous), with 4 accumulators over K. Measured
+// at K = N = 4096, cold: 21.6 GB/s on one core against 17.5 GB/s for the 4-row tile, whose 8
+// interleaved streams restart at every tile; software prefetch (512-2048 B ahead) only hurt.
+template <bool BF16>
+void gemv_rows(const FloatParams& p, int64_t n0, int64_t n1) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  const int64_t nfull = half / 16;
+  const float* x = p.x;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* mrow = p.meta + n * mbytes;
+    const int64_t voff = n * half;
+    __m512 acc[4];
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 4 <= nfull; c += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const __m512i idx = decode16(load_u32(mrow + 4 * (c + u)));
+        const __m512 w = load_values<BF16>(p.values, voff + 16 * (c + u), 0xFFFF);
+        const __m512 g = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32 * (c + u)), idx,
+                                                _mm512_loadu_ps(x + 32 * (c + u) + 16));
+        acc[u] = _mm512_fmadd_ps(g, w, acc[u]);
+      }
+    }
+    for (; c < nfull; ++c) {
+      const __m512i idx = decode16(load_u32(mrow + 4 * c));
+      const __m512 w = load_values<BF16>(p.values, voff + 16 * c, 0xFFFF);
+      acc[0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(_mm512_loadu_ps(x + 32 * c), idx, _mm512_loadu_ps(x + 32 * c + 16)),
+                               w, acc[0]);
+    }
+    if (16 * c < half) {  // partial last chunk
+      const int64_t tail_vals = half - 16 * c, tail_bytes = mbytes - 4 * c;
+      uint32_t mw = 0;
+      std::memcpy(&mw, mrow + 4 * c, size_t(tail_bytes));
+      const __m512 w = load_values<BF16>(p.values, voff + 16 * c, __mmask16((1u << tail_vals) - 1));
+      acc[1] = _mm512_fmadd_ps(
+          _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32 * c), decode16(mw), _mm512_loadu_ps(x + 32 * c + 16)), w,
+          acc[1]);
+    }
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    p.out[n] += _mm512_reduce_add_ps(s);
+  }
+}
+
 template <bool BF16>
 void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
   if (p.xt != nullptr) return float_linear_xt<BF16>(p, n0, n1);
+  if (p.M == 1) return gemv_rows<BF16>(p, n0, n1);
   const int64_t half = p.K / 2;
   const int64_t nfull = half / 16, nchunks = (half + 15) / 16;
   // Small M: one pass over K per tile (the weights stream once). Large M: block so that the

@@ -81,7 +81,7 @@ struct DynamicTasks {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
       if (t >= ntasks) return;
       (*body)(t);
-      done.fetch_add(1, std::memory_order_release);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == ntasks) done.notify_all();
     }
   }
 };
@@ -97,16 +97,16 @@ void run_dynamic(int64_t ntasks, const std::function<void(int64_t)>& body) {
   st->body = &body;
   for (int64_t h = 0; h < helpers; ++h) at::launch([st] { st->work(); });
   st->work();
-  // Every task is claimed now; wait for the ones helpers are still running (short: one task each).
-  for (int spins = 0; st->done.load(std::memory_order_acquire) < ntasks; ++spins) {
+  // Every task is claimed now; wait for the ones helpers are still running. Spin briefly, then
+  // block: a helper that was preempted in mid-task sits runnable on a busy core, and when this core
+  // goes idle the scheduler's idle balancing pulls it over here at once (a spinning caller would
+  // keep it waiting for the other core's next tick).
+  for (int spins = 0; spins < 2048 && st->done.load(std::memory_order_acquire) < ntasks; ++spins) {
 #if defined(__x86_64__)
-    if (spins < 4096) {
-      __builtin_ia32_pause();
-      continue;
-    }
+    __builtin_ia32_pause();
 #endif
-    std::this_thread::yield();
   }
+  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < ntasks;) st->done.wait(d, std::memory_order_acquire);
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
