@@ -36,12 +36,42 @@ def info(_args=None) -> None:
         print(f"  {op:34s} {', '.join(devices) or '-'}")
 
 
+def demo(args) -> None:
+    from fastdistill.demo import print_table, run_demo
+
+    result = run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quick=args.quick)
+    print_table(result)
+
+
+def bench(args) -> None:
+    from fastdistill.bench.runner import FAMILIES, run
+
+    only = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = [f for f in only if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"fastdistill bench: --only takes {','.join(FAMILIES)}, got {','.join(unknown)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastdistill bench: --device cuda needs a CUDA device; none is available here")
+    run(only=only, quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fastdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what was built and what runs here")
+    p = sub.add_parser("demo", help="distill, prune and quantize an MLP on sklearn digits, end to end")
+    p.add_argument("--out", default="demo_out", help="directory for results.json, demo.png and the checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="smaller teacher, at most 8 epochs")
+    p = sub.add_parser("bench", help="kernel timings against eager, torch.compile, MKL and fbgemm baselines")
+    p.add_argument("--only", default="kd,int8,sparse", help="comma-separated families: kd,int8,sparse")
+    p.add_argument("--quick", action="store_true", help="a small subset of shapes (under 2 minutes)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--plot", help="write a speedup chart (PNG) to this file")
     args = parser.parse_args(argv)
-    {"info": info}[args.command](args)
+    {"info": info, "demo": demo, "bench": bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,59 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     return torch.ops.fastdistill.sparse24_int8_linear(x, values, meta, w_scales, bias)
 
 
+# ---------------------------------------------------------------- int8 quantized inference (issue 3)
+# Schemas: csrc/ops.cpp. CPU kernels: csrc/cpu/int8_*.cpp. The packed weight is opaque and
+# device-specific; int8_packed_numel gives its size so fake kernels can allocate it.
+INT8_CPU_HEADER_BYTES = 64
+INT8_CPU_NBLOCK = 16   # columns per packed tile
+INT8_CPU_KGROUP = 4    # k values per 32-bit lane (VNNI order)
+
+
+def int8_packed_numel(n: int, k: int, device) -> int:
+    """Number of int8 elements of int8_pack_weight's output for an [n, k] weight on `device`."""
+    dev = torch.device(device).type
+    if dev in ("cpu", "meta"):
+        n_pad = -(-n // INT8_CPU_NBLOCK) * INT8_CPU_NBLOCK
+        k_pad = -(-k // INT8_CPU_KGROUP) * INT8_CPU_KGROUP
+        return INT8_CPU_HEADER_BYTES + 4 * n_pad + n_pad * k_pad
+    raise NotImplementedError(f"fastdistill.int8_pack_weight: no packed layout defined for device {dev}")
+
+
+def quantize_per_token(x):
+    _ext.require("quantize_per_token", x.device)
+    return torch.ops.fastdistill.quantize_per_token(x)
+
+
+def quantize_per_channel(w):
+    _ext.require("quantize_per_channel", w.device)
+    return torch.ops.fastdistill.quantize_per_channel(w)
+
+
+def int8_pack_weight(w_int8):
+    _ext.require("int8_pack_weight", w_int8.device)
+    return torch.ops.fastdistill.int8_pack_weight(w_int8)
+
+
+def int8_unpack_weight(w_packed, n: int, k: int):
+    _ext.require("int8_unpack_weight", w_packed.device)
+    return torch.ops.fastdistill.int8_unpack_weight(w_packed, int(n), int(k))
+
+
+def int8_linear(x, w_packed, w_scales, bias=None):
+    _ext.require("int8_linear", x.device)
+    return torch.ops.fastdistill.int8_linear(x, w_packed, w_scales, bias)
+
+
+def int8_weight_only_linear(x, w_packed, w_scales, bias=None):
+    _ext.require("int8_weight_only_linear", x.device)
+    return torch.ops.fastdistill.int8_weight_only_linear(x, w_packed, w_scales, bias)
+
+
+def int8_gemm_s32(x_int8, w_int8):
+    _ext.require("int8_gemm_s32", x_int8.device)
+    return torch.ops.fastdistill.int8_gemm_s32(x_int8, w_int8)
+
+
 if _lib_loaded:
 
     @torch.library.register_fake("fastdistill::sparse24_pack")
@@ -96,3 +149,31 @@ if _lib_loaded:
     @torch.library.register_fake("fastdistill::sparse24_int8_linear")
     def _sparse24_int8_linear_fake(x, values, meta, w_scales, bias):
         return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("fastdistill::quantize_per_token")
+    def _quantize_per_token_fake(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("fastdistill::quantize_per_channel")
+    def _quantize_per_channel_fake(w):
+        torch._check(w.dim() == 2, lambda: f"fastdistill.quantize_per_channel: w must be 2-D [N, K], got {w.dim()}-D")
+        return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[:1], dtype=torch.float32)
+
+    @torch.library.register_fake("fastdistill::int8_pack_weight")
+    def _int8_pack_weight_fake(w_int8):
+        n, k = w_int8.shape
+        return w_int8.new_empty((int8_packed_numel(n, k, w_int8.device),), dtype=torch.int8)
+
+    @torch.library.register_fake("fastdistill::int8_unpack_weight")
+    def _int8_unpack_weight_fake(w_packed, n, k):
+        return w_packed.new_empty((n, k), dtype=torch.int8)
+
+    def _int8_linear_fake(x, w_packed, w_scales, bias):
+        return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
+
+    torch.library.register_fake("fastdistill::int8_linear")(_int8_linear_fake)
+    torch.library.register_fake("fastdistill::int8_weight_only_linear")(_int8_linear_fake)
+
+    @torch.library.register_fake("fastdistill::int8_gemm_s32")
+    def _int8_gemm_s32_fake(x_int8, w_int8):
+        return x_int8.new_empty((*x_int8.shape[:-1], w_int8.shape[0]), dtype=torch.int32)

@@ -63,15 +63,6 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
 
 
 # ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
-def sparse24_quantize_per_token_reference(x):
-    """Per-token symmetric int8 quantization as sparse24_int8_linear does it: s = amax / 127,
-    q = clamp(round_half_even(x / s), -127, 127) in fp32; an all-zero row has s = 0 and q = 0."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True) / 127.0
-    q = torch.where(s > 0, torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(xf))
-    return q.clamp(-127, 127).to(torch.int8), s.squeeze(-1)
-
-
 def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=None):
     """y = x @ W^T (+ bias) with W = decompress_2_4(values, meta) (times w_scales per row for int8
     values, in which case x is quantized per token first), computed in `dtype` (default x.dtype)."""
@@ -80,10 +71,35 @@ def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=N
     dtype = dtype or x.dtype
     w = decompress_2_4(values, meta).to(dtype)
     if w_scales is not None:
-        q, s = sparse24_quantize_per_token_reference(x)
+        q, s = quantize_symmetric_reference(x)
         x = q.to(dtype) * s.to(dtype).unsqueeze(-1)
         w = w * w_scales.to(dtype).unsqueeze(-1)
     y = x.to(dtype) @ w.t()
     if bias is not None:
         y = y + bias.to(dtype)
     return y
+
+# ---------------------------------------------------------------- int8 quantized inference (issue 3)
+def quantize_symmetric_reference(x: torch.Tensor):
+    """Per-row symmetric int8: s = amax / 127 (fp32), q = clamp(round(x / s), -127, 127), s = 0 -> q = 0."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where((s > 0).unsqueeze(-1), torch.round(xf / safe.unsqueeze(-1)), torch.zeros_like(xf))
+    return q.clamp(-127, 127).to(torch.int8), s
+
+
+def int8_linear_reference(x, w_int8, w_scales, bias=None, dtype=torch.float64):
+    """Dynamic W8A8, the dequantised math in `dtype`: (q(x) * s_x) @ (w * s_w)^T + bias."""
+    xq, xs = quantize_symmetric_reference(x)
+    a = xq.to(dtype) * xs.to(dtype).unsqueeze(-1)
+    w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
+    y = a @ w.T
+    return y + bias.to(dtype) if bias is not None else y
+
+
+def int8_weight_only_linear_reference(x, w_int8, w_scales, bias=None, dtype=torch.float64):
+    """Weight-only int8: x @ (w * s_w)^T + bias in `dtype`."""
+    w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
+    y = x.to(dtype) @ w.T
+    return y + bias.to(dtype) if bias is not None else y

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fastdistill as fd
 from fastdistill import ops
-from fastdistill.reference import sparse24_linear_reference, sparse24_quantize_per_token_reference
+from fastdistill.reference import quantize_symmetric_reference, sparse24_linear_reference
 from fastdistill.sparse import SparseInt8Linear
 
 KS = [4, 8, 12, 100, 4100]
@@ -145,7 +145,7 @@ def test_int8_activation_quantization_edges(isa):
     assert torch.equal(y[0], torch.zeros(n))
     y64 = sparse24_linear_reference(x.double(), q, meta, None, w_scales=scales.double(), dtype=torch.float64)
     assert torch.allclose(y.double(), y64, rtol=1e-5, atol=1e-4)
-    qx, s = sparse24_quantize_per_token_reference(torch.tensor([[0.5, -1.5, 2.5, 127.0]]))
+    qx, s = quantize_symmetric_reference(torch.tensor([[0.5, -1.5, 2.5, 127.0]]))
     assert qx.tolist() == [[0, -2, 2, 127]]  # round half to even
 
 

@@ -6,6 +6,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Rows are processed in blocks that stay in L1 between the block's max pass and its sum pass, so
 // the running maxima move once per block, not once per element (one exp per element, not two).
 constexpr int64_t kBlock = 2048;
+// Exponentials are taken base 2 with log2(e) folded into 1/T, which saves the range reduction's
+// multiply and its two-constant subtraction per element; sums of exp are the same numbers, and
+// log-domain quantities are converted back with ln 2 once per row.
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 template <class T>
 inline VecF load_or_neg_inf(const T* p, int64_t i, int64_t n) {
@@ -21,7 +25,8 @@ inline void store_upto(T* p, int64_t i, int64_t n, VecF x) {
 // kW: 0 = no weighted sum (JSD first pass), 1 = teacher primary (forward KL), 2 = student primary.
 template <int kW, bool kHard, class TS, class TT>
 KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
-  const VecF zero = vset1(0.f), vinv = vset1(inv_t);
+  const float inv_t2 = inv_t * kLog2e;
+  const VecF zero = vset1(0.f), vinv2 = vset1(inv_t2), vlog2e = vset1(kLog2e);
   VecF zt = zero, zs = zero, zh = zero, w = zero;
   float m_t = kNegInf, m_s = kNegInf;
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
@@ -34,10 +39,10 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
     const float nt = std::max(m_t, vmaxall(bt)), ns = std::max(m_s, vmaxall(bs));
     if (nt > m_t || ns > m_s) {
       if (kW == 1 && m_t != kNegInf) {
-        const float d = ((nt - m_t) - (m_s == kNegInf ? 0.f : ns - m_s)) * inv_t;
+        const float d = ((nt - m_t) - (m_s == kNegInf ? 0.f : ns - m_s)) * inv_t2;
         w = (w - vset1(d) * zt) * vset1(kd_rescale(m_t, nt, inv_t));
       } else if (kW == 2 && m_s != kNegInf) {
-        const float d = ((ns - m_s) - (m_t == kNegInf ? 0.f : nt - m_t)) * inv_t;
+        const float d = ((ns - m_s) - (m_t == kNegInf ? 0.f : nt - m_t)) * inv_t2;
         w = (w - vset1(d) * zs) * vset1(kd_rescale(m_s, ns, inv_t));
       }
       zt = zt * vset1(kd_rescale(m_t, nt, inv_t));
@@ -50,13 +55,14 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
     const VecF rt = vset1(m_t == kNegInf ? 0.f : m_t), rs = vset1(m_s == kNegInf ? 0.f : m_s);
     for (int64_t c = c0; c < c1; c += kLanes) {
       const VecF ds = load_or_neg_inf(s, c, c1) - rs;
-      const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv, ub = ds * vinv;
-      const VecF ea = vexp(ua), eb = vexp(ub);
+      const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv2, ub = ds * vinv2;  // log2 units
+      const VecF ea = vexp2(ua), eb = vexp2(ub);
       zt = zt + ea;
       zs = zs + eb;
-      if (kW == 1) w = w + vselect(vgt(ea, zero), ea * (ua - ub), zero);
-      if (kW == 2) w = w + vselect(vgt(eb, zero), eb * (ub - ua), zero);
-      if (kHard) zh = zh + vexp(ds);
+      // Terms with zero probability are skipped, not multiplied: their log ratio may be -inf or NaN.
+      if (kW == 1) w = vfma_if(vgt(ea, zero), ea, ua - ub, w);
+      if (kW == 2) w = vfma_if(vgt(eb, zero), eb, ub - ua, w);
+      if (kHard) zh = zh + vexp2(ds * vlog2e);
     }
   }
   KdPartial out;
@@ -65,33 +71,40 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
   out.m_s = m_s;
   out.z_s = vsum(zs);
   out.z_h = vsum(zh);
-  out.w = vsum(w);
+  out.w = vsum(w) * kLn2;
   return out;
 }
 
-// log M for the JSD mixture, from la = log p, lb = log q: logaddexp(la + log beta, lb + log(1-beta)).
-inline VecF jsd_log_m(VecF la, VecF lb, VecF log_beta, VecF log_1m_beta) {
-  const VecF x = la + log_beta, y = lb + log_1m_beta;
-  return vmax(x, y) + vlog1p01(vexp(vset1(0.f) - vabs(x - y)));
+// log2 M for the JSD mixture from la = log2 p, lb = log2 q: log2(2^(la + log2 beta) + 2^(lb + log2(1-beta))).
+inline VecF jsd_log2_m(VecF la, VecF lb, VecF log2_beta, VecF log2_1m_beta) {
+  const VecF x = la + log2_beta, y = lb + log2_1m_beta;
+  return vmax(x, y) + vlog2_1p01(vexp2(vset1(0.f) - vabs(x - y)));
 }
+
+// Per-row constants of the log2-domain log-softmax: log2 p = (t - m_t) * c - lz_t * log2(e), c = log2(e) / T.
+struct Log2Softmax {
+  VecF inv2, m_t, lz_t, m_s, lz_s;
+  Log2Softmax(const KdRowGrad& r, float inv_t)
+      : inv2(vset1(inv_t * kLog2e)), m_t(vset1(r.m_t)), lz_t(vset1(r.lz_t * kLog2e)), m_s(vset1(r.m_s)),
+        lz_s(vset1(r.lz_s * kLog2e)) {}
+};
 
 // JSD second pass: sums of p (log p - log M) and q (log q - log M) over a column range.
 template <class TS, class TT>
 void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad& r, float beta,
                float* sum_p, float* sum_q) {
-  const VecF zero = vset1(0.f), vinv = vset1(inv_t), vmt = vset1(r.m_t), vlzt = vset1(r.lz_t);
-  const VecF vms = vset1(r.m_s), vlzs = vset1(r.lz_s);
-  const VecF lbeta = vset1(std::log(beta)), l1mb = vset1(std::log1p(-beta));
+  const Log2Softmax ls(r, inv_t);
+  const VecF zero = vset1(0.f), lbeta = vset1(std::log2(beta)), l1mb = vset1(std::log2(1.f - beta));
   VecF sp = zero, sq = zero;
   for (int64_t c = 0; c < n; c += kLanes) {
-    const VecF la = (load_or_neg_inf(t, c, n) - vmt) * vinv - vlzt;
-    const VecF lb = (load_or_neg_inf(s, c, n) - vms) * vinv - vlzs;
-    const VecF p = vexp(la), q = vexp(lb), lm = jsd_log_m(la, lb, lbeta, l1mb);
-    sp = sp + vselect(vgt(p, zero), p * (la - lm), zero);
-    sq = sq + vselect(vgt(q, zero), q * (lb - lm), zero);
+    const VecF la = vfma(load_or_neg_inf(t, c, n) - ls.m_t, ls.inv2, zero - ls.lz_t);
+    const VecF lb = vfma(load_or_neg_inf(s, c, n) - ls.m_s, ls.inv2, zero - ls.lz_s);
+    const VecF p = vexp2(la), q = vexp2(lb), lm = jsd_log2_m(la, lb, lbeta, l1mb);
+    sp = vfma_if(vgt(p, zero), p, la - lm, sp);
+    sq = vfma_if(vgt(q, zero), q, lb - lm, sq);
   }
-  *sum_p = vsum(sp);
-  *sum_q = vsum(sq);
+  *sum_p = vsum(sp) * kLn2;
+  *sum_q = vsum(sq) * kLn2;
 }
 
 // kHard: 0 = none, 1 = softmax(student) at T = 1 computed separately, 2 = it equals q (T == 1).
@@ -99,25 +112,27 @@ void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad
 template <int kDiv, int kHard, class TS, class TT>
 void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, const KdRowGrad& r,
                     float inv_t, float beta) {
-  const VecF zero = vset1(0.f), vinv = vset1(inv_t), vmt = vset1(r.m_t), vlzt = vset1(r.lz_t);
-  const VecF vms = vset1(r.m_s), vlzs = vset1(r.lz_s), vlzh = vset1(r.lz_h);
-  const VecF vsoft = vset1(kDiv == 2 ? r.soft * (1.f - beta) : r.soft), vhard = vset1(r.hard);
-  const VecF vaux = vset1(r.aux);
-  const VecF lbeta = vset1(kDiv == 2 ? std::log(beta) : 0.f), l1mb = vset1(kDiv == 2 ? std::log1p(-beta) : 0.f);
+  const Log2Softmax ls(r, inv_t);
+  const VecF zero = vset1(0.f), vlog2e = vset1(kLog2e), vlzh = vset1(r.lz_h * kLog2e), vhard = vset1(r.hard);
+  // d/db of reverse KL and JSD is a log-domain expression: its ln 2 goes into the coefficient.
+  const VecF vsoft = vset1(kDiv == 0 ? r.soft : kDiv == 1 ? r.soft * kLn2 : r.soft * (1.f - beta) * kLn2);
+  const VecF vaux = vset1(r.aux * kLog2e);
+  const VecF lbeta = vset1(kDiv == 2 ? std::log2(beta) : 0.f), l1mb = vset1(kDiv == 2 ? std::log2(1.f - beta) : 0.f);
   const int64_t label = r.label - col0;  // label column relative to this range
   for (int64_t c = 0; c < n; c += kLanes) {
-    const VecF ds = load_or_neg_inf(s, c, n) - vms;
-    const VecF la = (load_or_neg_inf(t, c, n) - vmt) * vinv - vlzt, lb = ds * vinv - vlzs;
-    const VecF q = vexp(lb);
+    const VecF ds = load_or_neg_inf(s, c, n) - ls.m_s;
+    const VecF la = vfma(load_or_neg_inf(t, c, n) - ls.m_t, ls.inv2, zero - ls.lz_t);
+    const VecF lb = vfma(ds, ls.inv2, zero - ls.lz_s);
+    const VecF q = vexp2(lb);
     VecF gv;
     if (kDiv == 0) {
-      gv = vsoft * (q - vexp(la));
+      gv = vsoft * (q - vexp2(la));
     } else if (kDiv == 1) {
       gv = vsoft * vselect(vgt(q, zero), q * (lb - la - vaux), zero);
     } else {
-      gv = vsoft * vselect(vgt(q, zero), q * (lb - jsd_log_m(la, lb, lbeta, l1mb) - vaux), zero);
+      gv = vsoft * vselect(vgt(q, zero), q * (lb - jsd_log2_m(la, lb, lbeta, l1mb) - vaux), zero);
     }
-    if (kHard == 1) gv = vfma(vhard, vexp(ds - vlzh), gv);
+    if (kHard == 1) gv = vfma(vhard, vexp2(vfma(ds, vlog2e, zero - vlzh)), gv);
     if (kHard == 2) gv = vfma(vhard, q, gv);
     if (kHard != 0 && label >= c && label < c + kLanes) {
       alignas(64) float lanes[kLanes];

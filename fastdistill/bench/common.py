@@ -97,7 +97,7 @@ def machine_limits(device: str = "cpu") -> Dict[str, float]:
     src.fill_(1.0)
     # Read bandwidth: a sum streams the array once.
     t_read = min(time_fn(lambda: src.sum(), repeats=5))
-    n = 1024
+    n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     t_mm = min(time_fn(lambda: a @ b, repeats=5))
     ai = torch.randint(-127, 127, (1024, 4096), dtype=torch.int8)

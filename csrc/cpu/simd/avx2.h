@@ -16,6 +16,7 @@ inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline Mask vgt(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
 inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) { return {_mm256_blendv_ps(c.v, _mm256_fmadd_ps(a.v, b.v, c.v), m)}; }
 inline float vsum(VecF a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -65,29 +66,26 @@ inline void vstore_tail(T* p, VecF x, int n) {
   for (int i = 0; i < n; ++i) p[i] = buf[i];
 }
 
-// e^x, ~1 ulp on the normal range; exactly 0 below -87.3 (and for -inf); NaN propagates.
-inline VecF vexp(VecF x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(lo, x.v));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  y = _mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y);  // underflow (and -inf) -> 0
-  return {_mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
+// 2^x to ~2 ulp (see avx512.h); exactly 0 below -126 (no subnormals) and for -inf; NaN propagates.
+inline VecF vexp2(VecF x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f);
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(lo, x.v));
+  const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(xc, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-04f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428441e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284770e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821576e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910070e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994530e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y)};  // underflow and -inf -> 0
 }
 
-// log(1 + u) for u in [0, 1] via 2*atanh(u / (2 + u)).
-inline VecF vlog1p01(VecF u) {
+// log2(1 + u) for u in [0, 1] via 2 atanh(u / (2 + u)) / ln 2.
+inline VecF vlog2_1p01(VecF u) {
   __m256 t = _mm256_div_ps(u.v, _mm256_add_ps(u.v, _mm256_set1_ps(2.0f)));
   __m256 t2 = _mm256_mul_ps(t, t);
   __m256 s = _mm256_set1_ps(1.0f / 13);
@@ -97,7 +95,7 @@ inline VecF vlog1p01(VecF u) {
   s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 5));
   s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f / 3));
   s = _mm256_fmadd_ps(s, t2, _mm256_set1_ps(1.0f));
-  return {_mm256_mul_ps(_mm256_add_ps(t, t), s)};
+  return {_mm256_mul_ps(_mm256_mul_ps(t, _mm256_set1_ps(2.8853900817779268f)), s)};
 }
 
 }  // namespace fastdistill::cpu::avx2

@@ -17,6 +17,7 @@ inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
 inline Mask vgt(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
 inline Mask veq_int(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
 inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) { return {_mm512_mask3_fmadd_ps(a.v, b.v, c.v, m)}; }  // m ? a*b+c : c
 inline float vsum(VecF a) { return _mm512_reduce_add_ps(a.v); }
 inline float vmaxall(VecF a) { return _mm512_reduce_max_ps(a.v); }
 
@@ -58,26 +59,25 @@ inline void vstore_tail(float* p, VecF x, int n) { _mm512_mask_storeu_ps(p, Mask
 inline void vstore_tail(bf16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_bf16_bits(x)); }
 inline void vstore_tail(f16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_f16_bits(x)); }
 
-// e^x, ~1 ulp on the normal range; exactly 0 for x <= -104 (and -inf); NaN propagates.
-inline VecF vexp(VecF x) {
-  __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512 y = _mm512_scalef_ps(p, n);  // 2^n without integer tricks: underflows cleanly to 0
-  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y, x.v)};
+// 2^x to ~2 ulp: n = round(x), f = x - n in [-1/2, 1/2], 2^f by a degree-6 polynomial (Taylor
+// in f ln2, truncation error 1.2e-7), and scalef for 2^n, which underflows cleanly to 0 (x <= -151,
+// and -inf) and overflows to +inf. NaN propagates (max returns its second operand on NaN).
+inline VecF vexp2(VecF x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-151.0f), x.v);
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-04f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428441e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284770e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821576e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910070e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994530e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return {_mm512_scalef_ps(p, n)};
 }
 
-// log(1 + u) for u in [0, 1] via 2*atanh(u / (2 + u)); |t| <= 1/3 so the odd series converges fast.
-inline VecF vlog1p01(VecF u) {
+// log2(1 + u) for u in [0, 1] via 2 atanh(t) / ln 2, t = u / (2 + u) <= 1/3 (odd series to t^13).
+inline VecF vlog2_1p01(VecF u) {
   __m512 t = _mm512_div_ps(u.v, _mm512_add_ps(u.v, _mm512_set1_ps(2.0f)));
   __m512 t2 = _mm512_mul_ps(t, t);
   __m512 s = _mm512_set1_ps(1.0f / 13);
@@ -87,7 +87,7 @@ inline VecF vlog1p01(VecF u) {
   s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 5));
   s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f / 3));
   s = _mm512_fmadd_ps(s, t2, _mm512_set1_ps(1.0f));
-  return {_mm512_mul_ps(_mm512_add_ps(t, t), s)};
+  return {_mm512_mul_ps(_mm512_mul_ps(t, _mm512_set1_ps(2.8853900817779268f)), s)};
 }
 
 }  // namespace fastdistill::cpu::avx512

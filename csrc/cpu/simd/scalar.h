@@ -27,6 +27,9 @@ inline Mask vgt(VecF a, VecF b) {
   return m;
 }
 inline VecF vselect(Mask m, VecF a, VecF b) { return vmap([&](int i) { return m.m[i] ? a.v[i] : b.v[i]; }); }
+inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) {
+  return vmap([&](int i) { return m.m[i] ? std::fma(a.v[i], b.v[i], c.v[i]) : c.v[i]; });
+}
 inline float vsum(VecF a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
 inline float vmaxall(VecF a) { return std::max(std::max(a.v[0], a.v[1]), std::max(a.v[2], a.v[3])); }
 template <class T>
@@ -41,7 +44,7 @@ template <class T>
 inline void vstore_tail(T* p, VecF x, int n) {
   for (int i = 0; i < n; ++i) from_float(x.v[i], p + i);
 }
-inline VecF vexp(VecF x) { return vmap([&](int i) { return std::exp(x.v[i]); }); }
-inline VecF vlog1p01(VecF u) { return vmap([&](int i) { return std::log1p(u.v[i]); }); }
+inline VecF vexp2(VecF x) { return vmap([&](int i) { return std::exp2(x.v[i]); }); }
+inline VecF vlog2_1p01(VecF u) { return vmap([&](int i) { return std::log1p(u.v[i]) * 1.4426950408889634f; }); }
 
 }  // namespace fastdistill::cpu::scalar

@@ -1,0 +1,139 @@
+"""int8 inference benchmark cases: fastdistill int8_linear (dynamic W8A8) and weight-only int8 vs
+fp32 / bf16 F.linear (MKL) and torch.ao quantize_dynamic (fbgemm), measured in the same run.
+
+Small M (<= 16) is weight streaming: every implementation rotates through >= 64 MB of weight copies
+(common.Rotating) so weights come from DRAM as in a real model. Large M is compute bound (GOP/s).
+"""
+import math
+import warnings
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdistill import ops
+from fastdistill.bench.common import Case, Rotating
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (768, 3072)]  # (K, N)
+MS = [1, 4, 16, 128, 1024]
+QUICK_SHAPES = [(768, 3072)]
+QUICK_MS = [1, 128]
+COLD_M = 16  # M <= COLD_M is measured cold-cache
+
+
+class _RotatingObjects(Rotating):
+    """Rotating for copies that are not plain tensors (e.g. fbgemm modules): the caller gives the size."""
+
+    def __init__(self, make, bytes_per_copy: int, min_bytes: int = 64 << 20, max_copies: int = 64):
+        n = max(1, min(max_copies, -(-min_bytes // max(bytes_per_copy, 1))))
+        self.copies = [make() for _ in range(n)]
+        self.bytes_per_copy = bytes_per_copy
+        self.i = 0
+
+
+def _fbgemm(w: torch.Tensor):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+
+
+class _Weights:
+    """One shape's weights in every format, hot (single copy) and cold (rotating copies)."""
+
+    def __init__(self, k: int, n: int, cold: bool):
+        self.k, self.n = k, n
+        w = torch.randn(n, k) / math.sqrt(k)
+        q, s = ops.quantize_per_channel(w)
+        one = lambda: (ops.int8_pack_weight(q), s.clone())  # noqa: E731
+        f32 = lambda: (w.clone(),)  # noqa: E731
+        b16 = lambda: (w.bfloat16(),)  # noqa: E731
+        fb = lambda: (_fbgemm(w),)  # noqa: E731
+        if cold:
+            self.ours, self.f32, self.bf16 = Rotating(one), Rotating(f32), Rotating(b16)
+            self.fbgemm = _RotatingObjects(fb, n * k + 4 * n)
+        else:
+            self.ours, self.f32, self.bf16, self.fbgemm = [_Fixed(m()) for m in (one, f32, b16, fb)]
+
+
+class _Fixed:
+    def __init__(self, copy):
+        self.copies = [copy]
+
+    def next(self):
+        return self.copies[0]
+
+
+def cases(quick: bool = False, device: str = "cpu") -> List[Case]:
+    if device != "cpu":
+        return []  # the CUDA cases belong to the CUDA implementation of these ops
+    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
+    out: List[Case] = []
+    for k, n in shapes:
+        weights = {}
+        for m in ms:
+            cold = m <= COLD_M
+            if cold not in weights:
+                weights[cold] = _Weights(k, n, cold)
+            wt = weights[cold]
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+
+            def ours(wt=wt, x=x):
+                p, s = wt.ours.next()
+                return ops.int8_linear(x, p, s, None)
+
+            def ours_wo(wt=wt, x=x):
+                p, s = wt.ours.next()
+                return ops.int8_weight_only_linear(x, p, s, None)
+
+            def f32(wt=wt, x=x):
+                return F.linear(x, wt.f32.next()[0])
+
+            def bf16(wt=wt, xb=xb):
+                return F.linear(xb, wt.bf16.next()[0])
+
+            def fbgemm(wt=wt, x=x):
+                return wt.fbgemm.next()[0](x)
+
+            shape = f"M={m} K={k} N={n}"
+            io_bytes = 4 * m * k + 4 * m * n
+            common = dict(family="int8", shape=shape, dtype="float32", flops=2.0 * m * n * k, cold=cold,
+                          peak_kind="int8")
+            out.append(Case(op="int8_linear (W8A8 dynamic)", run=ours,
+                            baselines={"fp32 F.linear": f32, "bf16 F.linear": bf16, "fbgemm quantize_dynamic": fbgemm},
+                            bytes=float(n * k + 4 * n + io_bytes), **common))
+            if m <= COLD_M:
+                out.append(Case(op="int8_weight_only_linear", run=ours_wo,
+                                baselines={"fp32 F.linear": f32, "bf16 F.linear": bf16},
+                                bytes=float(n * k + 4 * n + io_bytes), **{**common, "peak_kind": "fp32"}))
+    return out
+
+
+def main(quick: bool = False, repeats: int = 7):
+    """Print a table: median time of fastdistill and of each baseline, ratios, GB/s or GOP/s."""
+    from fastdistill.bench.common import machine_limits, summarize, time_fn
+    lim = machine_limits("cpu")
+    print(f"# machine: {lim['threads']} threads, read bandwidth {lim['mem_gbps']:.1f} GB/s, "
+          f"fp32 {lim['fp32_gflops']:.0f} GFLOP/s, torch._int_mm {lim['int8_gops']:.0f} GOP/s")
+    print("| op | shape | cold | ours ms | GB/s | GOP/s | " + "fp32 ms | bf16 ms | fbgemm ms | x fp32 | x bf16 | x fbgemm |")
+    print("|" + "---|" * 13)
+    for c in cases(quick):
+        t = summarize(time_fn(c.run, repeats=repeats, warmup=2, min_time=0.02))["median"]
+        base = {name: summarize(time_fn(fn, repeats=repeats, warmup=2, min_time=0.02))["median"]
+                for name, fn in c.baselines.items()}
+        b = lambda key: base.get(key)  # noqa: E731
+        fmt = lambda v: f"{v * 1e3:.3f}" if v else "-"  # noqa: E731
+        ratio = lambda v: f"{v / t:.2f}" if v else "-"  # noqa: E731
+        print(f"| {c.op} | {c.shape} | {'cold' if c.cold else 'warm'} | {t * 1e3:.3f} | {c.bytes / t / 1e9:.1f} | "
+              f"{c.flops / t / 1e9:.0f} | {fmt(b('fp32 F.linear'))} | {fmt(b('bf16 F.linear'))} | "
+              f"{fmt(b('fbgemm quantize_dynamic'))} | {ratio(b('fp32 F.linear'))} | {ratio(b('bf16 F.linear'))} | "
+              f"{ratio(b('fbgemm quantize_dynamic'))} |", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,85 @@
+"""The command line: info, the end-to-end demo (quick mode) and the benchmark command."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdistill
+from fastdistill.demo import run_demo
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastdistill", *args], capture_output=True, text=True,
+                          timeout=timeout, check=True).stdout
+
+
+def test_info_reports_build():
+    out = run_cli("info")
+    assert f"torch {torch.__version__}" in out
+    assert "cpu isa paths compiled: avx512, avx2, scalar" in out or "scalar" in out
+    assert "kd_loss_forward" in out and "cpu" in out
+    assert "cuda:" in out
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    return [run_demo(out_dir=str(tmp_path_factory.mktemp(f"demo{seed}")), seed=seed, quick=True, log=lambda *_: None)
+            for seed in (0, 1)]
+
+
+def test_demo_distilled_student_beats_or_matches_hard_labels(demo_runs):
+    def acc(run, stage):
+        return next(r["accuracy"] for r in run["stages"] if r["stage"] == stage)
+
+    hard = sum(acc(r, "student hard-label") for r in demo_runs) / len(demo_runs)
+    distilled = sum(acc(r, "student distilled") for r in demo_runs) / len(demo_runs)
+    assert distilled >= hard - 0.01, (distilled, hard)  # within noise (one test image is 0.2%)
+
+
+def test_demo_pruning_recovers_and_keeps_pattern(demo_runs):
+    for run in demo_runs:
+        acc = {r["stage"]: r["accuracy"] for r in run["stages"]}
+        assert run["two_four_pattern_kept"]
+        assert acc["2:4 recovered"] >= acc["pruned 2:4 (no tuning)"] - 0.005
+        assert acc["2:4 + int8"] >= acc["2:4 recovered"] - 0.03
+        assert acc["int8 (W8A8)"] >= acc["teacher fp32"] - 0.03
+
+
+def test_demo_reloaded_models_are_identical_and_files_written(demo_runs, tmp_path):
+    for run in demo_runs:
+        assert all(r["reload_identical"] for r in run["stages"])
+        sizes = {r["stage"]: r["bytes"] for r in run["stages"]}
+        assert sizes["2:4 recovered"] < sizes["teacher fp32"]
+        assert sizes["int8 (W8A8)"] < 0.4 * sizes["teacher fp32"]
+        assert sizes["2:4 + int8"] < sizes["int8 (W8A8)"]
+    out = run_demo(out_dir=str(tmp_path), seed=3, epochs=2, quick=True, log=lambda *_: None)
+    assert os.path.exists(tmp_path / "demo.png") and json.loads((tmp_path / "results.json").read_text()) == json.loads(
+        json.dumps(out))
+
+
+def test_demo_is_reproducible_with_seed(tmp_path):
+    a = run_demo(out_dir=str(tmp_path / "a"), seed=5, epochs=2, quick=True, plot=False, log=lambda *_: None)
+    b = run_demo(out_dir=str(tmp_path / "b"), seed=5, epochs=2, quick=True, plot=False, log=lambda *_: None)
+    assert [r["accuracy"] for r in a["stages"]] == [r["accuracy"] for r in b["stages"]]
+
+
+def test_bench_quick_json_has_every_declared_case(tmp_path):
+    from fastdistill.bench import int8, kd, sparse
+
+    path = tmp_path / "bench.json"
+    run_cli("bench", "--quick", "--json", str(path), "--plot", str(tmp_path / "bench.png"), timeout=900)
+    data = json.loads(path.read_text())
+    declared = {(c.family, c.op, c.shape, c.dtype) for m in (kd, int8, sparse) for c in m.cases(quick=True)}
+    got = {(r["family"], r["op"], r["shape"], r["dtype"]) for r in data["results"]}
+    assert declared == got
+    for r in data["results"]:
+        assert r["fastdistill"]["median"] > 0 and r["baselines"]
+    assert data["machine"]["limits"]["mem_gbps"] > 0 and os.path.exists(tmp_path / "bench.png")
+
+
+def test_bench_rejects_unknown_family():
+    out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True, text=True)
+    assert out.returncode != 0 and "--only takes kd,int8,sparse, got fft" in out.stderr
