@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/sparse24_kernels.h"
 
 namespace fastdistill::cpu {
@@ -207,32 +208,29 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
   // Per-token symmetric quantization into zero-padded int8 rows.
   const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), kXPad);
-  at::Tensor xq = at::empty({M, ldx}, x.options().dtype(at::kChar));  // padding zeroed per row below
+  at::Tensor xq = at::empty({M, ldx}, x.options().dtype(at::kChar));  // padding written by the quantiser
   at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
   {
-    const float* xp = xf.data_ptr<float>();
-    int8_t* qp = xq.data_ptr<int8_t>();
-    float* sp = xs.data_ptr<float>();
+    // The int8 family's vectorised row quantiser (same numerics: s = amax / 127, rne(x / s), clamp).
+    int8::QuantParams qp;
+    qp.dtype = DType::f32;
+    qp.x = xf.data_ptr<float>();
+    qp.ldx = K;
+    qp.k = K;
+    qp.k_pad = ldx;
+    qp.q = xq.data_ptr<int8_t>();
+    qp.ldq = ldx;
+    qp.scales = xs.data_ptr<float>();
+    qp.xor_mask = 0;  // the sparse kernels take s8 activations
+    const CpuIsa qisa = active_isa();
     const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
     run_dynamic((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
       const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = xp + r * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-        const float s = amax / 127.f;
-        sp[r] = s;
-        int8_t* q = qp + r * ldx;
-        std::fill(q + K, q + ldx, int8_t(0));
-        if (s == 0.f) {  // all-zero row: q = 0, and the output is the bias
-          std::fill(q, q + K, int8_t(0));
-          continue;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const float v = std::nearbyint(row[k] / s);  // round half to even (default FP env)
-          q[k] = int8_t(std::min(127.f, std::max(-127.f, v)));
-        }
-      }
+#if defined(__x86_64__)
+      if (qisa == CpuIsa::avx512) return int8::avx512::quantize_rows(qp, r0, r1);
+      if (qisa == CpuIsa::avx2) return int8::avx2::quantize_rows(qp, r0, r1);
+#endif
+      int8::scalar::quantize_rows(qp, r0, r1);
     });
   }
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
