@@ -173,17 +173,31 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
       });
       p.xt = xtp;
     }
-    const int64_t cols = task_columns(M, K, N, (K / 2) * vals.element_size() + (K + 7) / 8, at::get_num_threads());
-    run_dynamic((N + cols - 1) / cols, [&](int64_t t) {
-      const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
-      for (int64_t m = 0; m < M; ++m) {
+    // Small M: column tasks over all rows (each weight byte streamed once). Large M (xt): tasks of
+    // (64-row block, kXtCols columns), column-block-major so that concurrent tasks share the weight
+    // block in L3; a task reuses each activation slice across all its columns. Task boundaries
+    // depend only on the shape, and each output element is computed by one task.
+    const int64_t cols = p.xt ? kXtCols
+                              : task_columns(M, K, N, (K / 2) * vals.element_size() + (K + 7) / 8, at::get_num_threads());
+    const int64_t mrows = p.xt ? kXtRows : M;
+    const int64_t nmb = (M + mrows - 1) / mrows;
+    run_dynamic(nmb * ((N + cols - 1) / cols), [&](int64_t t) {
+      const int64_t mb = t % nmb;
+      const int64_t n0 = (t / nmb) * cols, n1 = std::min(N, n0 + cols);
+      const int64_t m0 = mb * mrows, m1 = std::min(M, m0 + mrows);
+      for (int64_t m = m0; m < m1; ++m) {
         float* o = p.out + m * p.ldo;
         for (int64_t n = n0; n < n1; ++n) o[n] = bp ? bp[n] : 0.f;
       }
       if (K == 0) return;
-      if (isa == CpuIsa::avx512) sparse24::avx512::float_linear(p, n0, n1);
-      else if (isa == CpuIsa::avx2) sparse24::avx2::float_linear(p, n0, n1);
-      else sparse24::scalar::float_linear(p, n0, n1);
+      FloatParams q = p;
+      q.M = m1 - m0;
+      q.x = p.x + m0 * p.ldx;
+      q.out = p.out + m0 * p.ldo;
+      if (p.xt) q.xt = p.xt + mb * p.ldx * kXtRows;
+      if (isa == CpuIsa::avx512) sparse24::avx512::float_linear(q, n0, n1);
+      else if (isa == CpuIsa::avx2) sparse24::avx2::float_linear(q, n0, n1);
+      else sparse24::scalar::float_linear(q, n0, n1);
     });
   }
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
