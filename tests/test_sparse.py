@@ -395,7 +395,7 @@ def test_errors():
         fd.apply_2_4_masks(nn.Linear(8, 8), sr_ste_decay=-1.0)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 1000, 516), (130, 800, 68), (200, 390, 260)])
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 516), (1, 203, 2056), (130, 800, 68), (200, 390, 260)])
 def test_linear_many_tasks(isa, m, n, k):
     # several row blocks and column tasks (large-M task grid, M=1 GEMV over many tasks)
     values, meta = _sparse(n, k)
