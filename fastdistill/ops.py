@@ -98,6 +98,9 @@ def int8_packed_numel(n: int, k: int, device) -> int:
         n_pad = -(-n // INT8_CPU_NBLOCK) * INT8_CPU_NBLOCK
         k_pad = -(-k // INT8_CPU_KGROUP) * INT8_CPU_KGROUP
         return INT8_CPU_HEADER_BYTES + 4 * n_pad + n_pad * k_pad
+    if dev == "cuda":  # [N, round_up(K, 16)] rows, then K_pad - K zero bytes (so the size alone gives K)
+        k_pad = -(-k // 16) * 16
+        return n * k_pad + (k_pad - k)
     raise NotImplementedError(f"fastdistill.int8_pack_weight: no packed layout defined for device {dev}")
 
 

@@ -136,4 +136,7 @@ def main(quick: bool = False, repeats: int = 7):
 
 if __name__ == "__main__":
     import sys
+    for arg in sys.argv[1:]:
+        if arg.startswith("--threads="):
+            torch.set_num_threads(int(arg.split("=", 1)[1]))
     main(quick="--quick" in sys.argv)

@@ -1,0 +1,212 @@
+"""The CUDA ops on a real GPU (skipped without one): against the fp64 references and the CPU ops, opcheck,
+torch.compile(fullgraph=True). The same kernels are exercised without a GPU by tests/test_simt.py."""
+import pytest
+import torch
+
+import fastdistill
+from fastdistill import ops
+from fastdistill.reference import kd_loss_reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _has_cuda_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdistill::{op}", "CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda_build():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not _has_cuda_kernel("kd_loss_forward"):
+        pytest.fail("a CUDA device is present but fastdistill was built without CUDA kernels "
+                    "(rebuild with FASTDISTILL_CUDA=1 CUDA_HOME=/usr/local/cuda)")
+
+
+# ------------------------------------------------------------------------------------------ kd_loss
+@pytest.mark.parametrize("div,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,V", [(1, 1), (3, 127), (2, 32001), (64, 4096), (2, 128256)])
+def test_kd_loss_vs_reference(div, beta, dtype, rows, V):
+    s = (torch.randn(rows, V, device="cuda") * 3).to(dtype)
+    t = (torch.randn(rows, V, device="cuda") * 3).to(dtype)
+    lab = torch.randint(0, V, (rows,), device="cuda")
+    lab[::3] = -100
+    kw = dict(temperature=2.0, divergence=div, beta=beta, labels=lab, hard_weight=0.5, reduction="none")
+    x = s.clone().requires_grad_()
+    loss = fastdistill.kd_loss(x, t, **kw)
+    g = torch.rand_like(loss)
+    loss.backward(g)
+    xr = s.double().requires_grad_()
+    ref = kd_loss_reference(xr, t.double(), **kw)
+    ref.backward(g.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=tol, atol=1e-5)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_kd_loss_matches_cpu_op(div):
+    s, t = torch.randn(5, 3001, dtype=torch.bfloat16), torch.randn(5, 3001)
+    lab = torch.randint(0, 3001, (5,))
+    args = (lab, 1.5, div, 0.4, -100, 2.25, 0.3)
+    loss_c, stats_c = torch.ops.fastdistill.kd_loss_forward(s, t, *args)
+    loss_g, stats_g = torch.ops.fastdistill.kd_loss_forward(s.cuda(), t.cuda(), lab.cuda(), *args[1:])
+    torch.testing.assert_close(loss_g.cpu(), loss_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats_g.cpu(), stats_c, rtol=1e-5, atol=1e-5)
+    g = torch.rand(5)
+    grad_c = torch.ops.fastdistill.kd_loss_backward(g, s, t, lab, stats_c, *args[1:])
+    grad_g = torch.ops.fastdistill.kd_loss_backward(g.cuda(), s.cuda(), t.cuda(), lab.cuda(), stats_g, *args[1:])
+    torch.testing.assert_close(grad_g.cpu().float(), grad_c.float(), rtol=1e-2, atol=1e-5)
+
+
+def test_kd_loss_noncontiguous_and_stream():
+    base = torch.randn(4, 9, 1000, device="cuda")
+    s, t = base[:, :-1], torch.randn(4, 9, 1000, device="cuda")[:, 1:]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        loss = fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")
+    stream.synchronize()
+    ref = kd_loss_reference(s.double(), t.double(), temperature=2.0, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kd_loss_opcheck():
+    s, t = torch.randn(4, 513, device="cuda", requires_grad=True), torch.randn(4, 513, device="cuda")
+    lab = torch.randint(0, 513, (4,), device="cuda")
+    torch.library.opcheck(torch.ops.fastdistill.kd_loss_forward, (s, t, lab, 2.0, "jsd", 0.3, -100, 4.0, 0.5))
+    loss, stats = torch.ops.fastdistill.kd_loss_forward(s.detach(), t, lab, 2.0, "jsd", 0.3, -100, 4.0, 0.5)
+    torch.library.opcheck(torch.ops.fastdistill.kd_loss_backward,
+                          (torch.rand(4, device="cuda"), s.detach(), t, lab, stats, 2.0, "jsd", 0.3, -100, 4.0, 0.5))
+
+
+def test_kd_loss_compile():
+    s = torch.randn(8, 2000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(8, 2000, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda a, b: fastdistill.kd_loss(a, b, temperature=2.0, divergence="reverse_kl"), fullgraph=True)
+    out = f(s, t)
+    out.backward()
+    x = s.detach().clone().requires_grad_()
+    ref = fastdistill.kd_loss(x, t, temperature=2.0, divergence="reverse_kl")
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s.grad, x.grad)
+
+
+def test_kd_loss_errors_cuda():
+    s = torch.randn(2, 10, device="cuda")
+    with pytest.raises(RuntimeError, match="student and teacher must have the same shape"):
+        ops.kd_loss_forward(s, torch.randn(2, 11, device="cuda"), None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="student and teacher must be on the same device"):
+        ops.kd_loss_forward(s, s.cpu(), None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------- int8
+def _int8_ops_built():
+    try:
+        return _has_cuda_kernel("int8_linear")
+    except RuntimeError:  # schema not in this build
+        return False
+
+
+def _quant_ref(x):
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where(s[..., None] > 0, torch.round(xf / safe[..., None]), torch.zeros_like(xf))
+    return q.clamp(-127, 127).to(torch.int8), s
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 128])
+@pytest.mark.parametrize("K,N", [(33, 7), (4096, 4096), (1000, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_cuda(M, K, N, dtype):
+    if not _int8_ops_built():
+        pytest.skip("int8 schemas not in this build")
+    ops8 = torch.ops.fastdistill
+    w = torch.randn(N, K, device="cuda")
+    wq, ws = ops8.quantize_per_channel(w)
+    wq_c, ws_c = ops8.quantize_per_channel(w.cpu())
+    assert torch.equal(wq.cpu(), wq_c) and torch.equal(ws.cpu(), ws_c)
+    packed = ops8.int8_pack_weight(wq)
+    assert torch.equal(ops8.int8_unpack_weight(packed, N, K), wq)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    b = torch.randn(N, device="cuda")
+    y = ops8.int8_linear(x, packed, ws, b)
+    y_cpu = ops8.int8_linear(x.cpu(), ops8.int8_pack_weight(wq_c), ws_c, b.cpu())
+    torch.testing.assert_close(y.cpu().float(), y_cpu.float(), rtol=1e-5, atol=1e-5)  # same math, same rounding
+    yo = ops8.int8_weight_only_linear(x, packed, ws, b)
+    refo = x.double() @ (wq.double() * ws.double()[:, None]).T + b.double()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(yo.double(), refo, rtol=tol, atol=tol)
+    qx, _ = _quant_ref(x)
+    assert torch.equal(ops8.int8_gemm_s32(qx, wq).long().cpu(), qx.long().cpu() @ wq.long().cpu().T)
+
+
+def test_int8_opcheck_and_compile_cuda():
+    if not _int8_ops_built():
+        pytest.skip("int8 schemas not in this build")
+    ops8 = torch.ops.fastdistill
+    wq, ws = ops8.quantize_per_channel(torch.randn(64, 128, device="cuda"))
+    packed = ops8.int8_pack_weight(wq)
+    x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(ops8.quantize_per_token, (x,))
+    torch.library.opcheck(ops8.int8_pack_weight, (wq,))
+    torch.library.opcheck(ops8.int8_linear, (x, packed, ws, None))
+    torch.library.opcheck(ops8.int8_weight_only_linear, (x, packed, ws, None))
+    f = torch.compile(lambda a: ops8.int8_linear(a, packed, ws, None), fullgraph=True)
+    torch.testing.assert_close(f(x), ops8.int8_linear(x, packed, ws, None))
+
+
+# ---------------------------------------------------------------------------------------------- 2:4
+def _sparse_ops_built():
+    try:
+        return _has_cuda_kernel("sparse24_linear")
+    except RuntimeError:
+        return False
+
+
+def _compress_2_4(dense):
+    N, K = dense.shape
+    g = dense.reshape(N, K // 4, 4)
+    idx = g.float().abs().topk(2, dim=-1).indices.sort(-1).values
+    values = g.gather(-1, idx).reshape(N, K // 2).contiguous()
+    codes = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.int32)
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], 1)
+    meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    pruned = torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(N, K)
+    return values, meta, pruned
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 64])
+@pytest.mark.parametrize("K,N", [(36, 5), (4096, 4096), (1028, 24)])
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse24_linear_cuda(M, K, N, vdtype):
+    if not _sparse_ops_built():
+        pytest.skip("2:4 schemas not in this build")
+    ops4 = torch.ops.fastdistill
+    values, meta, pruned = _compress_2_4(torch.randn(N, K, device="cuda").to(vdtype))
+    pv, pm = ops4.sparse24_pack(values, meta)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = ops4.sparse24_linear(x, pv, pm, None)
+    ref = x.double() @ pruned.double().T
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_sparse24_int8_and_opcheck_cuda():
+    if not _sparse_ops_built():
+        pytest.skip("2:4 schemas not in this build")
+    ops4 = torch.ops.fastdistill
+    wq, ws = ops4.quantize_per_channel(torch.randn(32, 256, device="cuda"))
+    values, meta, pruned = _compress_2_4(wq)
+    x = torch.randn(3, 256, device="cuda")
+    y = ops4.sparse24_int8_linear(x, values, meta, ws, None)
+    y_cpu = ops4.sparse24_int8_linear(x.cpu(), values.cpu(), meta.cpu(), ws.cpu(), None)
+    torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(ops4.sparse24_linear, (x, values.float(), meta, None))
+    torch.library.opcheck(ops4.sparse24_int8_linear, (x, values, meta, ws, None))
+    f = torch.compile(lambda a: ops4.sparse24_int8_linear(a, values, meta, ws, None), fullgraph=True)
+    torch.testing.assert_close(f(x), y)
