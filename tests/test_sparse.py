@@ -185,18 +185,25 @@ def test_isa_paths_agree():
         assert torch.allclose(o, outs[0], atol=1e-5)
 
 
-def test_thread_count_does_not_change_results():
-    values, meta = _sparse(64, 256)
-    x = torch.randn(40, 256)
+@pytest.mark.parametrize("m,n,k", [(40, 64, 256), (1, 1000, 512), (70, 333, 260), (3, 37, 100), (130, 800, 68)])
+def test_thread_count_does_not_change_results(isa, m, n, k):
+    values, meta = _sparse(n, k)
+    q = values.clamp(-1, 1).mul(100).round().to(torch.int8)
+    scales = torch.rand(n) + 0.5
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
     prev = torch.get_num_threads()
+    outs = []
     try:
-        torch.set_num_threads(1)
-        a = ops.sparse24_linear(x, values, meta, None)
-        torch.set_num_threads(max(2, prev))
-        b = ops.sparse24_linear(x, values, meta, None)
+        for threads in (1, max(2, prev), 3):
+            torch.set_num_threads(threads)
+            outs.append((ops.sparse24_linear(x, values, meta, bias),
+                         ops.sparse24_int8_linear(x, q, meta, scales, bias)))
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(a, b)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0])
+        assert torch.equal(b, outs[0][1])
 
 
 def test_opcheck():
@@ -386,3 +393,14 @@ def test_errors():
         ops.sparse24_pack(values, meta[:, :1])
     with pytest.raises(ValueError, match="sr_ste_decay"):
         fd.apply_2_4_masks(nn.Linear(8, 8), sr_ste_decay=-1.0)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 516), (1, 203, 2056), (130, 800, 68), (200, 390, 260)])
+def test_linear_many_tasks(isa, m, n, k):
+    # several row blocks and column tasks (large-M task grid, M=1 GEMV over many tasks)
+    values, meta = _sparse(n, k)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    y = ops.sparse24_linear(x, values, meta, bias)
+    ref = x.double() @ fd.decompress_2_4(values, meta).double().T + bias.double()
+    assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-5)

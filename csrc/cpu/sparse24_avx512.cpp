@@ -31,6 +31,9 @@ namespace {
 
 constexpr int kNB = 4;  // weight rows per register tile
 constexpr int kMB = 4;  // activation rows per register tile
+// Large M: K block of 128 groups (512 columns x 64 rows x 4 B = 128 KB of xt, L2-resident); 16
+// measured slower (more scratch traffic), 32-128 within 3% of each other.
+constexpr int64_t kKbg = 128;
 
 inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
@@ -76,38 +79,49 @@ inline __m512 reduce16(const __m512* v) {
                        _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+template <int NB, int MB>
+__attribute__((always_inline)) inline void micro_step(__m512* acc, const __m512i* idx, const __m512* w, const float* x,
+                                                      int64_t ldx, int64_t c) {
+  _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j) {
+    const __m512 xa = _mm512_loadu_ps(x + j * ldx + 32 * c);
+    const __m512 xb = _mm512_loadu_ps(x + j * ldx + 32 * c + 16);
+    _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i)
+      acc[j * NB + i] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx[i], xb), w[i], acc[j * NB + i]);
+  }
+}
+
 // out[m..m+MB, n..n+NB] += x[m.., chunks c0..c1) . W[n.., chunks c0..c1)^T. The chunk c1 - 1 may be
-// the partial last chunk (tail_vals values, tail_bytes meta bytes), read with masked loads.
+// the partial last chunk (tail_vals values, tail_bytes meta bytes), read with masked loads; it is
+// handled outside the main loop so that the accumulators stay in registers.
 template <int NB, int MB, bool BF16>
 void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, int64_t nfull) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   __m512 acc[MB * NB];
-  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_ps();
+  _Pragma("GCC unroll 16") for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_ps();
   const float* x = p.x + m * p.ldx;
-  for (int64_t c = c0; c < c1; ++c) {
+  const int64_t cf = std::min(c1, nfull);
+  for (int64_t c = c0; c < cf; ++c) {
     __m512i idx[NB];
     __m512 w[NB];
-    if (c < nfull) {
-      for (int i = 0; i < NB; ++i) {
-        idx[i] = decode16(load_u32(p.meta + (n + i) * mbytes + 4 * c));
-        w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, 0xFFFF);
-      }
-    } else {  // partial last chunk
-      const int64_t tail_vals = half - 16 * c, tail_bytes = mbytes - 4 * c;
-      const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
-      for (int i = 0; i < NB; ++i) {
-        uint32_t mw = 0;
-        std::memcpy(&mw, p.meta + (n + i) * mbytes + 4 * c, size_t(tail_bytes));
-        idx[i] = decode16(mw);
-        w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, mask);
-      }
+    _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
+      idx[i] = decode16(load_u32(p.meta + (n + i) * mbytes + 4 * c));
+      w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, 0xFFFF);
     }
-    for (int j = 0; j < MB; ++j) {
-      const __m512 xa = _mm512_loadu_ps(x + j * p.ldx + 32 * c);
-      const __m512 xb = _mm512_loadu_ps(x + j * p.ldx + 32 * c + 16);
-      for (int i = 0; i < NB; ++i)
-        acc[j * NB + i] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx[i], xb), w[i], acc[j * NB + i]);
+    micro_step<NB, MB>(acc, idx, w, x, p.ldx, c);
+  }
+  if (c1 > nfull && c1 - 1 >= c0) {  // partial last chunk
+    const int64_t c = c1 - 1;
+    const int64_t tail_vals = half - 16 * c, tail_bytes = mbytes - 4 * c;
+    const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
+    __m512i idx[NB];
+    __m512 w[NB];
+    for (int i = 0; i < NB; ++i) {
+      uint32_t mw = 0;
+      std::memcpy(&mw, p.meta + (n + i) * mbytes + 4 * c, size_t(tail_bytes));
+      idx[i] = decode16(mw);
+      w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, mask);
     }
+    micro_step<NB, MB>(acc, idx, w, x, p.ldx, c);
   }
   if constexpr (NB == 4 && MB == 4) {
     alignas(64) float s[16];
@@ -162,29 +176,29 @@ template <int NB, bool BF16>
 void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64_t g1, float* scratch) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   __m512 acc[NB][4];
-  for (int i = 0; i < NB; ++i)
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
+  _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
   for (int64_t g = g0; g < g1; ++g) {
-    for (int i = 0; i < NB; ++i) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i) {
       const uint32_t code = (p.meta[(n + i) * mbytes + (g >> 1)] >> ((g & 1) * 4)) & 15u;
       const float* r0 = xt + (4 * g + (code & 3)) * kXtRows;
       const float* r1 = xt + (4 * g + (code >> 2)) * kXtRows;
       const __m512 w0 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g));
       const __m512 w1 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g + 1));
-      for (int v = 0; v < 4; ++v) {
+      _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {
         acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
         acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
       }
     }
   }
-  for (int i = 0; i < NB; ++i)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
 }
 
 template <bool BF16>
 void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   constexpr int kRows = 6;
-  const int64_t groups = p.K / 4, kbg = 64;  // 256 columns x 64 rows x 4 B = 64 KB of xt per K block
+  const int64_t groups = p.K / 4, kbg = kKbg;
   const int64_t rows = n1 - n0;
   std::vector<float> scratch(size_t(rows * kXtRows));
   for (int64_t mb = 0; mb * kXtRows < p.M; ++mb) {
@@ -213,9 +227,62 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   }
 }
 
+// M = 1 (GEMV): R weight rows per pass over K (R = 1: the values and the meta are each one
+// sequential stream), 2 accumulators per row, all in registers. Software prefetch (512-2048 B
+// ahead) only hurt.
+template <int R, bool BF16>
+void gemv_rows_r(const FloatParams& p, int64_t n0, int64_t n1) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  const int64_t nfull = half / 16;
+  const float* x = p.x;
+  for (int64_t n = n0; n < n1; n += R) {
+    if (n + R > n1) {  // leftover rows one at a time
+      for (; n < n1; ++n) gemv_rows_r<1, BF16>(p, n, n + 1);
+      return;
+    }
+    __m512 acc[R][2];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= nfull; c += 2) {
+      _Pragma("GCC unroll 2") for (int u = 0; u < 2; ++u) {
+        const __m512 xa = _mm512_loadu_ps(x + 32 * (c + u)), xb = _mm512_loadu_ps(x + 32 * (c + u) + 16);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+          const __m512i idx = decode16(load_u32(p.meta + (n + r) * mbytes + 4 * (c + u)));
+          const __m512 w = load_values<BF16>(p.values, (n + r) * half + 16 * (c + u), 0xFFFF);
+          acc[r][u] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx, xb), w, acc[r][u]);
+        }
+      }
+    }
+    for (; 16 * c < half; ++c) {  // at most one full chunk and one partial chunk
+      const int64_t tail_vals = std::min<int64_t>(16, half - 16 * c), tail_bytes = std::min<int64_t>(4, mbytes - 4 * c);
+      const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
+      const __m512 xa = _mm512_loadu_ps(x + 32 * c), xb = _mm512_loadu_ps(x + 32 * c + 16);
+      for (int r = 0; r < R; ++r) {
+        uint32_t mw = 0;
+        std::memcpy(&mw, p.meta + (n + r) * mbytes + 4 * c, size_t(tail_bytes));
+        const __m512 w = load_values<BF16>(p.values, (n + r) * half + 16 * c, mask);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, decode16(mw), xb), w, acc[r][0]);
+      }
+    }
+    for (int r = 0; r < R; ++r) p.out[n + r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
+// Rows per pass, measured at M = 1 cold with 2 threads (GB/s of compressed weights): K = 11008:
+// R=1 12.2, R=4 19.5, R=8 20.7; K = 4096: R=1 13.2, R=8 15.4-18.0; K = 768: R=1 17.3, R=8 11.7.
+// Long rows: sharing each activation load among 8 rows wins (x no longer fits in L1 at K = 11008);
+// short rows: one sequential stream wins.
+template <bool BF16>
+void gemv_rows(const FloatParams& p, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = (p.K / 2) * (BF16 ? 2 : 4);
+  if (row_bytes >= 4096) gemv_rows_r<8, BF16>(p, n0, n1);
+  else gemv_rows_r<1, BF16>(p, n0, n1);
+}
+
 template <bool BF16>
 void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
   if (p.xt != nullptr) return float_linear_xt<BF16>(p, n0, n1);
+  if (p.M == 1) return gemv_rows<BF16>(p, n0, n1);
   const int64_t half = p.K / 2;
   const int64_t nfull = half / 16, nchunks = (half + 15) / 16;
   // Small M: one pass over K per tile (the weights stream once). Large M: block so that the
@@ -253,34 +320,34 @@ void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
   const int64_t nfull = half / 64, nchunks = (half + 63) / 64;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB * NB];
-  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
+  _Pragma("GCC unroll 16") for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
   for (int64_t c = 0; c < nchunks; ++c) {
     __m512i idx[NB], w[NB];
     if (c < nfull) {
-      for (int i = 0; i < NB; ++i) {
+      _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
         idx[i] = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.meta + (n + i) * mbytes + 16 * c)));
         w[i] = _mm512_loadu_si512(p.values + (n + i) * half + 64 * c);
       }
     } else {
       const int64_t tail_vals = half - 64 * c, tail_bytes = mbytes - 16 * c;
       const __mmask64 mask = (tail_vals >= 64) ? ~__mmask64(0) : ((__mmask64(1) << tail_vals) - 1);
-      for (int i = 0; i < NB; ++i) {
+      _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
         alignas(16) uint8_t mt[16] = {};
         std::memcpy(mt, p.meta + (n + i) * mbytes + 16 * c, size_t(tail_bytes));
         idx[i] = decode64(_mm_load_si128(reinterpret_cast<const __m128i*>(mt)));
         w[i] = _mm512_maskz_loadu_epi8(mask, p.values + (n + i) * half + 64 * c);
       }
     }
-    for (int j = 0; j < MB; ++j) {
+    _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j) {
       const int8_t* x = p.xq + (m + j) * p.ldx + 128 * c;
       const __m512i xa = _mm512_xor_si512(_mm512_loadu_si512(x), flip);  // u8 = x + 128
       const __m512i xb = _mm512_xor_si512(_mm512_loadu_si512(x + 64), flip);
-      for (int i = 0; i < NB; ++i)
+      _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i)
         acc[j * NB + i] = _mm512_dpbusd_epi32(acc[j * NB + i], _mm512_permutex2var_epi8(xa, idx[i], xb), w[i]);
     }
   }
-  for (int j = 0; j < MB; ++j)
-    for (int i = 0; i < NB; ++i) {
+  _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j)
+    _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
       const int32_t dot = _mm512_reduce_add_epi32(acc[j * NB + i]) - 128 * wsum[i];
       p.out[(m + j) * p.ldo + n + i] =
           float(dot) * (p.x_scales[m + j] * p.w_scales[n + i]) + (p.bias ? p.bias[n + i] : 0.f);
@@ -306,6 +373,56 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
   return _mm512_reduce_add_epi32(acc);
 }
 
+// M = 1 (GEMV): one weight row at a time, so values and meta stream sequentially; the row sum of
+// the values (for the +128 correction) is accumulated in the same pass, and the activations are
+// flipped to u8 once per call instead of once per chunk.
+void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  const int64_t nfull = half / 64;
+  std::vector<uint8_t> xu(size_t(p.ldx));
+  {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    for (int64_t k = 0; k < p.ldx; k += 64)  // ldx is a multiple of kXPad = 128
+      _mm512_storeu_si512(xu.data() + k, _mm512_xor_si512(_mm512_loadu_si512(p.xq + k), flip));
+  }
+  const uint8_t* x = xu.data();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* mrow = p.meta + n * mbytes;
+    const int8_t* vrow = p.values + n * half;
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    __m512i ws0 = _mm512_setzero_si512(), ws1 = _mm512_setzero_si512();
+    int64_t c = 0;
+    for (; c + 2 <= nfull; c += 2) {
+      const __m512i i0 = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + 16 * c)));
+      const __m512i i1 = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + 16 * c + 16)));
+      const __m512i w0 = _mm512_loadu_si512(vrow + 64 * c), w1 = _mm512_loadu_si512(vrow + 64 * c + 64);
+      const uint8_t* xc = x + 128 * c;
+      acc0 = _mm512_dpbusd_epi32(
+          acc0, _mm512_permutex2var_epi8(_mm512_loadu_si512(xc), i0, _mm512_loadu_si512(xc + 64)), w0);
+      acc1 = _mm512_dpbusd_epi32(
+          acc1, _mm512_permutex2var_epi8(_mm512_loadu_si512(xc + 128), i1, _mm512_loadu_si512(xc + 192)), w1);
+      ws0 = _mm512_dpbusd_epi32(ws0, ones, w0);
+      ws1 = _mm512_dpbusd_epi32(ws1, ones, w1);
+    }
+    for (; 64 * c < half; ++c) {  // at most one full chunk and one partial chunk
+      const int64_t tail_vals = std::min<int64_t>(64, half - 64 * c), tail_bytes = std::min<int64_t>(16, mbytes - 16 * c);
+      const __mmask64 mask = tail_vals >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail_vals) - 1);
+      alignas(16) uint8_t mt[16] = {};
+      std::memcpy(mt, mrow + 16 * c, size_t(tail_bytes));
+      const __m512i i0 = decode64(_mm_load_si128(reinterpret_cast<const __m128i*>(mt)));
+      const __m512i w0 = _mm512_maskz_loadu_epi8(mask, vrow + 64 * c);
+      const uint8_t* xc = x + 128 * c;
+      acc0 = _mm512_dpbusd_epi32(
+          acc0, _mm512_permutex2var_epi8(_mm512_loadu_si512(xc), i0, _mm512_loadu_si512(xc + 64)), w0);
+      ws0 = _mm512_dpbusd_epi32(ws0, ones, w0);
+    }
+    const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) -
+                        128 * _mm512_reduce_add_epi32(_mm512_add_epi32(ws0, ws1));
+    p.out[n] = float(dot) * (p.x_scales[0] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
 }  // namespace
 
 void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
@@ -314,6 +431,7 @@ void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
 }
 
 void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
+  if (p.M == 1) return gemv_rows_i8(p, n0, n1);
   const int64_t half = p.K / 2;
   const int64_t mblk = std::max<int64_t>(kMB, ((256 << 10) / std::max<int64_t>(p.ldx, 1)) / kMB * kMB);
   for (int64_t mb0 = 0; mb0 < p.M; mb0 += mblk) {

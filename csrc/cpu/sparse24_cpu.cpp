@@ -5,9 +5,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <functional>
+#include <memory>
+#include <thread>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/sparse24_kernels.h"
 
 namespace fastdistill::cpu {
@@ -49,11 +54,60 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   return s;
 }
 
-// Columns per parallel task: tiles of 4, enough work per task to amortise the fork.
-int64_t column_grain(int64_t M, int64_t K, int64_t N) {
-  const int64_t work_per_col = std::max<int64_t>(1, M * K);
-  const int64_t cols = std::max<int64_t>(4, round_up((int64_t(1) << 16) / work_per_col, 4));
-  return std::min(cols, round_up(std::max<int64_t>(N, 1), 4));
+// Column tasks: multiples of 4 columns, sized so that one task streams about kTaskBytes of weights
+// (or does about kTaskWork multiply-adds at large M), with at least a few tasks per thread.
+constexpr int64_t kTaskBytes = 256 << 10;
+constexpr int64_t kTaskWork = int64_t(1) << 22;
+int64_t task_columns(int64_t M, int64_t K, int64_t N, int64_t bytes_per_col, int64_t nthreads) {
+  int64_t cols = std::max(kTaskBytes / std::max<int64_t>(bytes_per_col, 1),
+                          kTaskWork / std::max<int64_t>(M * K / 2, 1));
+  cols = std::min(cols, N / std::max<int64_t>(4 * nthreads, 1));  // >= 4 tasks per thread
+  return std::max<int64_t>(4, cols / 4 * 4);
+}
+
+// Runs body(t) for t in [0, ntasks), each task exactly once, on the calling thread plus up to
+// get_num_threads() - 1 helpers from the inter-op pool that claim tasks dynamically. Unlike an
+// OpenMP fork/join (at::parallel_for), the caller never waits for a helper that has not started:
+// on a machine whose other cores are busy, a helper's wake-up can take a scheduler tick (4-8 ms,
+// measured), and the caller simply runs every unclaimed task itself. It only waits for tasks that
+// a helper has claimed and is running. Each task writes disjoint outputs, so the result does not
+// depend on which thread ran it or on the thread count.
+struct DynamicTasks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t ntasks = 0;
+  const std::function<void(int64_t)>* body = nullptr;  // valid while the caller waits
+  void work() {
+    for (;;) {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntasks) return;
+      (*body)(t);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == ntasks) done.notify_all();
+    }
+  }
+};
+
+void run_dynamic(int64_t ntasks, const std::function<void(int64_t)>& body) {
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, ntasks - 1);
+  if (helpers <= 0 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < ntasks; ++t) body(t);
+    return;
+  }
+  auto st = std::make_shared<DynamicTasks>();
+  st->ntasks = ntasks;
+  st->body = &body;
+  for (int64_t h = 0; h < helpers; ++h) at::launch([st] { st->work(); });
+  st->work();
+  // Every task is claimed now; wait for the ones helpers are still running. Spin briefly, then
+  // block: a helper that was preempted in mid-task sits runnable on a busy core, and when this core
+  // goes idle the scheduler's idle balancing pulls it over here at once (a spinning caller would
+  // keep it waiting for the other core's next tick).
+  for (int spins = 0; spins < 2048 && st->done.load(std::memory_order_acquire) < ntasks; ++spins) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < ntasks;) st->done.wait(d, std::memory_order_acquire);
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
@@ -78,10 +132,13 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     xf = at::zeros({M, ldx}, x.options().dtype(at::kFloat));
     xf.narrow(1, 0, K).copy_(x2);
   }
+  // The output is initialised (bias or 0) column block by column block inside the tasks: a separate
+  // ATen fill of a large output would be one more fork/join.
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (bias.has_value()) out.copy_(bias->to(at::kFloat).unsqueeze(0).expand({M, N}));
-  else out.zero_();
-  if (M > 0 && N > 0 && K > 0) {
+  at::Tensor bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  if (M > 0 && N > 0) {
     FloatParams p;
     p.x = xf.data_ptr<float>();
     p.ldx = ldx;
@@ -93,19 +150,54 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
     p.ldo = N;
     const CpuIsa isa = active_isa();
     at::Tensor xt;
-    if (isa == CpuIsa::avx512 && M >= kXtMinM) {  // activations transposed per 64-row block
-      const int64_t mp = round_up(M, kXtRows);
-      xt = at::zeros({mp, ldx}, xf.options());
-      xt.narrow(0, 0, M).copy_(xf);
-      xt = xt.view({mp / kXtRows, kXtRows, ldx}).transpose(1, 2).contiguous();
-      p.xt = xt.data_ptr<float>();
+    if (isa == CpuIsa::avx512 && M >= kXtMinM && K > 0) {
+      // Activations transposed per 64-row block: xt[mb][k][r] = x[64 mb + r][k], zero-padded.
+      const int64_t nmb = (M + kXtRows - 1) / kXtRows;
+      xt = at::empty({nmb, ldx, kXtRows}, xf.options());
+      float* xtp = xt.data_ptr<float>();
+      const float* xp = p.x;
+      constexpr int64_t kcb = 256;
+      const int64_t nkb = (ldx + kcb - 1) / kcb;
+      run_dynamic(nmb * nkb, [&](int64_t t) {
+        const int64_t mb = t / nkb, k0 = (t % nkb) * kcb, k1 = std::min(ldx, k0 + kcb);
+        float* dst = xtp + mb * ldx * kXtRows;
+        for (int64_t r = 0; r < kXtRows; ++r) {
+          const int64_t m = mb * kXtRows + r;
+          if (m < M) {
+            const float* src = xp + m * ldx;
+            for (int64_t k = k0; k < k1; ++k) dst[k * kXtRows + r] = src[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) dst[k * kXtRows + r] = 0.f;
+          }
+        }
+      });
+      p.xt = xtp;
     }
-    const int64_t ntiles = (N + 3) / 4;
-    at::parallel_for(0, ntiles, column_grain(M, K, N) / 4, [&](int64_t t0, int64_t t1) {
-      const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
-      if (isa == CpuIsa::avx512) sparse24::avx512::float_linear(p, n0, n1);
-      else if (isa == CpuIsa::avx2) sparse24::avx2::float_linear(p, n0, n1);
-      else sparse24::scalar::float_linear(p, n0, n1);
+    // Small M: column tasks over all rows (each weight byte streamed once). Large M (xt): tasks of
+    // (64-row block, kXtCols columns), column-block-major so that concurrent tasks share the weight
+    // block in L3; a task reuses each activation slice across all its columns. Task boundaries
+    // depend only on the shape, and each output element is computed by one task.
+    const int64_t cols = p.xt ? kXtCols
+                              : task_columns(M, K, N, (K / 2) * vals.element_size() + (K + 7) / 8, at::get_num_threads());
+    const int64_t mrows = p.xt ? kXtRows : M;
+    const int64_t nmb = (M + mrows - 1) / mrows;
+    run_dynamic(nmb * ((N + cols - 1) / cols), [&](int64_t t) {
+      const int64_t mb = t % nmb;
+      const int64_t n0 = (t / nmb) * cols, n1 = std::min(N, n0 + cols);
+      const int64_t m0 = mb * mrows, m1 = std::min(M, m0 + mrows);
+      for (int64_t m = m0; m < m1; ++m) {
+        float* o = p.out + m * p.ldo;
+        for (int64_t n = n0; n < n1; ++n) o[n] = bp ? bp[n] : 0.f;
+      }
+      if (K == 0) return;
+      FloatParams q = p;
+      q.M = m1 - m0;
+      q.x = p.x + m0 * p.ldx;
+      q.out = p.out + m0 * p.ldo;
+      if (p.xt) q.xt = p.xt + mb * p.ldx * kXtRows;
+      if (isa == CpuIsa::avx512) sparse24::avx512::float_linear(q, n0, n1);
+      else if (isa == CpuIsa::avx2) sparse24::avx2::float_linear(q, n0, n1);
+      else sparse24::scalar::float_linear(q, n0, n1);
     });
   }
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
@@ -130,26 +222,29 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
   // Per-token symmetric quantization into zero-padded int8 rows.
   const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), kXPad);
-  at::Tensor xq = at::zeros({M, ldx}, x.options().dtype(at::kChar));
+  at::Tensor xq = at::empty({M, ldx}, x.options().dtype(at::kChar));  // padding written by the quantiser
   at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
   {
-    const float* xp = xf.data_ptr<float>();
-    int8_t* qp = xq.data_ptr<int8_t>();
-    float* sp = xs.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = xp + r * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-        const float s = amax / 127.f;
-        sp[r] = s;
-        int8_t* q = qp + r * ldx;
-        if (s == 0.f) continue;  // all-zero row: q = 0, and the output is the bias
-        for (int64_t k = 0; k < K; ++k) {
-          const float v = std::nearbyint(row[k] / s);  // round half to even (default FP env)
-          q[k] = int8_t(std::min(127.f, std::max(-127.f, v)));
-        }
-      }
+    // The int8 family's vectorised row quantiser (same numerics: s = amax / 127, rne(x / s), clamp).
+    int8::QuantParams qp;
+    qp.dtype = DType::f32;
+    qp.x = xf.data_ptr<float>();
+    qp.ldx = K;
+    qp.k = K;
+    qp.k_pad = ldx;
+    qp.q = xq.data_ptr<int8_t>();
+    qp.ldq = ldx;
+    qp.scales = xs.data_ptr<float>();
+    qp.xor_mask = 0;  // the sparse kernels take s8 activations
+    const CpuIsa qisa = active_isa();
+    const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+    run_dynamic((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
+      const int64_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+#if defined(__x86_64__)
+      if (qisa == CpuIsa::avx512) return int8::avx512::quantize_rows(qp, r0, r1);
+      if (qisa == CpuIsa::avx2) return int8::avx2::quantize_rows(qp, r0, r1);
+#endif
+      int8::scalar::quantize_rows(qp, r0, r1);
     });
   }
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -168,9 +263,9 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
     const CpuIsa isa = active_isa();
     const CpuFeatures& f = cpu_features();
     const bool use512 = isa == CpuIsa::avx512 && f.avx512vnni && f.avx512vbmi;
-    const int64_t ntiles = (N + 3) / 4;
-    at::parallel_for(0, ntiles, column_grain(M, K, N) / 4, [&](int64_t t0, int64_t t1) {
-      const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
+    const int64_t cols = task_columns(M, K, N, K / 2 + (K + 7) / 8, at::get_num_threads());
+    run_dynamic((N + cols - 1) / cols, [&](int64_t t) {
+      const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
       if (use512) sparse24::avx512::int8_linear(p, n0, n1);
       else if (isa != CpuIsa::scalar) sparse24::avx2::int8_linear(p, n0, n1);
       else sparse24::scalar::int8_linear(p, n0, n1);

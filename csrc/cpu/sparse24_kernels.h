@@ -27,6 +27,7 @@ struct FloatParams {
 };
 constexpr int64_t kXtRows = 64;
 constexpr int64_t kXtMinM = 32;  // the glue builds xt for M >= this
+constexpr int64_t kXtCols = 384;  // output columns per large-M task
 
 struct Int8Params {
   const int8_t* xq = nullptr;  // [M, ldx] int8 per-token quantized activations, zero-padded
