@@ -14,7 +14,7 @@ endif
 $(VENV)/.torch-installed:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy
 	touch $@
 
 setup: $(VENV)/.torch-installed
