@@ -111,7 +111,7 @@ void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad
 // `col0` is the column of s[0] within the row (for the label position).
 template <int kDiv, int kHard, class TS, class TT>
 void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, const KdRowGrad& r,
-                    float inv_t, float beta) {
+                    float inv_t, float beta, bool stream) {
   const Log2Softmax ls(r, inv_t);
   const VecF zero = vset1(0.f), vlog2e = vset1(kLog2e), vlzh = vset1(r.lz_h * kLog2e), vhard = vset1(r.hard);
   // d/db of reverse KL and JSD is a log-domain expression: its ln 2 goes into the coefficient.
@@ -140,8 +140,10 @@ void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, co
       lanes[label - c] -= r.hard;
       std::memcpy(&gv, lanes, sizeof(lanes));
     }
-    store_upto(g, c, n, gv);
+    if (stream && n - c >= kLanes) vstream(g + c, gv);
+    else store_upto(g, c, n, gv);
   }
+  if (stream) vstream_fence();
 }
 
 // ---- entry points: runtime dtype / mode switch onto the templates above ----
@@ -193,9 +195,13 @@ void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, cons
 template <int kDiv, class TS, class TT>
 void backward_dispatch_hard(const KdLossParams& p, const TS* s, const TT* t, TS* g, int64_t n, int64_t c0,
                             const KdRowGrad& r) {
-  if (!p.has_hard()) backward_range<kDiv, 0>(s, t, g, n, c0, r, p.inv_temperature, p.beta);
-  else if (p.separate_hard_lse()) backward_range<kDiv, 1>(s, t, g, n, c0, r, p.inv_temperature, p.beta);
-  else backward_range<kDiv, 2>(s, t, g, n, c0, r, p.inv_temperature, p.beta);
+  // Stream the gradient past the cache when it is far larger than the cache and the range is aligned.
+  constexpr int64_t kStreamBytes = int64_t(64) << 20;
+  const bool stream = p.rows * p.vocab * int64_t(sizeof(TS)) >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(g) % (kLanes * sizeof(TS)) == 0;
+  if (!p.has_hard()) backward_range<kDiv, 0>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
+  else if (p.separate_hard_lse()) backward_range<kDiv, 1>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
+  else backward_range<kDiv, 2>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
 }
 
 void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& r, void* grad) {

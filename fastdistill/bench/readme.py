@@ -29,6 +29,12 @@ def readme_table(data: dict) -> str:
                          f"{t * 1e3:.2f} ms | {name} {b['median'] * 1e3:.2f} ms | {b['median'] / t:.2f}x | "
                          f"{achieved if first else ''} | {roof if first else ''} |")
             first = False
+    if data.get("memory"):
+        lines += ["", "Extra peak memory of one forward+backward step beyond the inputs and the gradient "
+                  "(in logits-sized tensors, fp32):", "",
+                  "| shape | fastdistill | eager | torch.compile |", "| --- | ---: | ---: | ---: |"]
+        for m in data["memory"]:
+            lines.append(f"| {m['shape']} | {m['fastdistill']:.3f} | {m['eager']:.2f} | {m['torch.compile']:.2f} |")
     return "\n".join(lines)
 
 

@@ -14,12 +14,18 @@ FAMILIES = ("kd", "int8", "sparse")
 SPREAD_WARN = 0.25  # (max - min) / median above this is flagged as noisy
 
 
-def load_cases(family: str, quick: bool, device: str):
+def family_module(family: str, device: str):
     module = "gpu" if device == "cuda" else family
     try:
-        mod = importlib.import_module(f"fastdistill.bench.{module}")
+        return importlib.import_module(f"fastdistill.bench.{module}")
     except ImportError as exc:
         print(f"[bench] skipping {family}: {exc}", file=sys.stderr)
+        return None
+
+
+def load_cases(family: str, quick: bool, device: str):
+    mod = family_module(family, device)
+    if mod is None:
         return []
     if device == "cuda":
         return [c for c in mod.cases(quick=quick, device=device) if c.family == family]
@@ -94,6 +100,16 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
             r["roofline_s"] = roofline_seconds(case, limits)
             results.append(r)
             print(format_table([r], limits).splitlines()[-1], flush=True)
+    memory = []
+    for family in only:
+        mod = family_module(family, device)
+        if device == "cpu" and hasattr(mod, "memory_report"):
+            memory += mod.memory_report(quick)
+    if memory:
+        print("\nextra peak memory of one fwd+bwd step beyond inputs and gradient, in logits tensors:")
+        for m in memory:
+            print(f"  {m['shape']} {m['dtype']}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in m.items() if k not in ("shape", "dtype")))
     table = format_table(results, limits)
     noisy = [r for r in results if r["fastdistill"]["spread"] > SPREAD_WARN or
              any(b.get("spread", 0) > SPREAD_WARN for b in r["baselines"].values())]
@@ -103,7 +119,8 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
               "(median reported); the machine is noisy, rerun on an idle machine for figures to quote.")
     out = {"machine": {"processor": cpu_name(), "machine": platform.machine(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "limits": limits},
-           "quick": quick, "device": device, "seconds": time.perf_counter() - start, "results": results}
+           "quick": quick, "device": device, "seconds": time.perf_counter() - start, "results": results,
+           "memory": memory}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2)

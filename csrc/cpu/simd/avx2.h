@@ -59,6 +59,10 @@ inline __m128i to_f16_bits(VecF x) { return _mm256_cvtps_ph(x.v, _MM_FROUND_TO_N
 inline void vstore(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
 inline void vstore(bf16_t* p, VecF x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(x)); }
 inline void vstore(f16_t* p, VecF x) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16_bits(x)); }
+inline void vstream(float* p, VecF x) { _mm256_stream_ps(p, x.v); }  // see avx512.h
+inline void vstream(bf16_t* p, VecF x) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(x)); }
+inline void vstream(f16_t* p, VecF x) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16_bits(x)); }
+inline void vstream_fence() { _mm_sfence(); }
 template <class T>
 inline void vstore_tail(T* p, VecF x, int n) {
   alignas(32) T buf[kLanes];

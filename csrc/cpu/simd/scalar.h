@@ -41,6 +41,9 @@ inline void vstore(T* p, VecF x) {
   for (int i = 0; i < kLanes; ++i) from_float(x.v[i], p + i);
 }
 template <class T>
+inline void vstream(T* p, VecF x) { vstore(p, x); }  // portable code has no non-temporal store
+inline void vstream_fence() {}
+template <class T>
 inline void vstore_tail(T* p, VecF x, int n) {
   for (int i = 0; i < n; ++i) from_float(x.v[i], p + i);
 }
