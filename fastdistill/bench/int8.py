@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdistill import ops
-from fastdistill.bench.common import Case, Rotating
+from fastdistill.bench.common import COLD_BYTES, Case, Rotating
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (768, 3072)]  # (K, N)
 MS = [1, 4, 16, 128, 1024]
@@ -25,7 +25,7 @@ COLD_M = 16  # M <= COLD_M is measured cold-cache
 class _RotatingObjects(Rotating):
     """Rotating for copies that are not plain tensors (e.g. fbgemm modules): the caller gives the size."""
 
-    def __init__(self, make, bytes_per_copy: int, min_bytes: int = 64 << 20, max_copies: int = 64):
+    def __init__(self, make, bytes_per_copy: int, min_bytes: int = COLD_BYTES, max_copies: int = 64):
         n = max(1, min(max_copies, -(-min_bytes // max(bytes_per_copy, 1))))
         self.copies = [make() for _ in range(n)]
         self.bytes_per_copy = bytes_per_copy

@@ -67,26 +67,33 @@ import resource, sys, torch
 import fastdistill
 from fastdistill.reference import kd_loss_eager
 rows, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
-s = torch.randn(rows, vocab).to(dtype).requires_grad_(); t = torch.randn(rows, vocab).to(dtype)
 if which == "fastdistill":
-    fn = lambda: fastdistill.kd_loss(s, t, temperature=2.0)
+    fn = lambda s, t: fastdistill.kd_loss(s, t, temperature=2.0)
 elif which == "eager":
-    fn = lambda: kd_loss_eager(s, t, 2.0)
+    fn = lambda s, t: kd_loss_eager(s, t, 2.0)
 else:
-    compiled = torch.compile(kd_loss_eager)
-    fn = lambda: compiled(s, t, 2.0)
-fn().backward(); s.grad = None
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-fn().backward()
-extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-print(extra * 1024 / (rows * vocab * s.element_size()))
+    compiled = torch.compile(kd_loss_eager, dynamic=True)
+    fn = lambda s, t: compiled(s, t, 2.0)
+def step(r):
+    s = torch.randn(r, vocab).to(dtype).requires_grad_(); t = torch.randn(r, vocab).to(dtype)
+    fn(s, t).backward()
+    return s, t
+step(8)  # warm up on a small batch: libraries, kernels, compilation
+s = torch.randn(rows, vocab).to(dtype).requires_grad_(); t = torch.randn(rows, vocab).to(dtype)
+page = resource.getpagesize()
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * page
+fn(s, t).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+logits = rows * vocab * s.element_size()
+print((peak - before - s.grad.numel() * s.grad.element_size()) / logits)
 """
 
 
 def peak_memory(rows: int, vocab: int, dtype: str = "float32", which: str = "fastdistill") -> float:
-    """Extra peak memory of one forward+backward step beyond the inputs and the gradient (which the
-    warm-up step already holds), in units of one logits tensor. Runs in a fresh process so that the
-    high-water mark belongs to this step alone."""
+    """Extra peak memory of one forward+backward step beyond the inputs and the gradient, in units of
+    one logits tensor: (high-water mark during the step - resident set before it - the gradient).
+    Runs in a fresh process (after a small warm-up) so the high-water mark belongs to this step."""
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows), str(vocab), dtype, which],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
