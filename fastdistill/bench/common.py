@@ -19,7 +19,7 @@ class Case:
     baselines: Dict[str, Callable[[], object]]
     bytes: float = 0.0                # minimum bytes that must move per call (memory floor)
     flops: float = 0.0                # (dense-equivalent) FLOPs or int OPs per call
-    cold: bool = False                # weights rotate through >= 64 MB of copies
+    cold: bool = False                # weights rotate through >= COLD_BYTES (256 MB) of copies
     peak_kind: str = "fp32"           # which compute roofline applies: fp32 | int8
     note: str = ""
     extra: Dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. peak memory

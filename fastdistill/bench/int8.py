@@ -1,7 +1,7 @@
 """int8 inference benchmark cases: fastdistill int8_linear (dynamic W8A8) and weight-only int8 vs
 fp32 / bf16 F.linear (MKL) and torch.ao quantize_dynamic (fbgemm), measured in the same run.
 
-Small M (<= 16) is weight streaming: every implementation rotates through >= 64 MB of weight copies
+Small M (<= 16) is weight streaming: every implementation rotates through >= 256 MB of weight copies
 (common.Rotating) so weights come from DRAM as in a real model. Large M is compute bound (GOP/s).
 """
 import math
