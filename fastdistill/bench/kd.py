@@ -63,7 +63,7 @@ def cases(quick: bool = False, device: str = "cpu"):
 
 
 _PEAK_SCRIPT = r"""
-import resource, sys, torch
+import sys, torch
 import fastdistill
 from fastdistill.reference import kd_loss_eager
 rows, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
@@ -80,11 +80,16 @@ def step(r):
     return s, t
 step(8)  # warm up on a small batch: libraries, kernels, compilation
 s = torch.randn(rows, vocab).to(dtype).requires_grad_(); t = torch.randn(rows, vocab).to(dtype)
-page = resource.getpagesize()
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * page
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+# getrusage's ru_maxrss survives fork + exec (it would report the parent's peak); VmHWM belongs to
+# this process's memory map, and writing 5 to clear_refs resets it to the current RSS.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kb("VmRSS") * 1024
 fn(s, t).backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_kb("VmHWM") * 1024
 logits = rows * vocab * s.element_size()
 print((peak - before - s.grad.numel() * s.grad.element_size()) / logits)
 """
@@ -93,6 +98,7 @@ print((peak - before - s.grad.numel() * s.grad.element_size()) / logits)
 def peak_memory(rows: int, vocab: int, dtype: str = "float32", which: str = "fastdistill") -> float:
     """Extra peak memory of one forward+backward step beyond the inputs and the gradient, in units of
     one logits tensor: (high-water mark during the step - resident set before it - the gradient).
+    Linux only (/proc/self/status and clear_refs).
     Runs in a fresh process (after a small warm-up) so the high-water mark belongs to this step."""
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows), str(vocab), dtype, which],
                          capture_output=True, text=True, check=True)
