@@ -31,15 +31,19 @@ bool cache_enabled() {
 
 void release(void* ctx) {
   auto* b = static_cast<Block*>(ctx);
-  {
+  void* evicted = b->ptr;
+  if (cache_enabled()) {
+    // Keep the most recently released blocks: a training loop's shape changes (e.g. a new batch
+    // size) must not leave stale sizes pinning the cache while every new step faults fresh pages.
     std::lock_guard<std::mutex> lock(g_mutex);
-    if (cache_enabled() && g_free.size() < kMaxCached) {
-      g_free.push_back(*b);
-      delete b;
-      return;
+    g_free.push_back(*b);
+    evicted = nullptr;
+    if (g_free.size() > kMaxCached) {
+      evicted = g_free.front().ptr;
+      g_free.erase(g_free.begin());
     }
   }
-  std::free(b->ptr);
+  std::free(evicted);
   delete b;
 }
 
