@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <immintrin.h>
+#include <type_traits>
 
 #include "cpu/int8_kernels.h"
 
@@ -97,15 +98,22 @@ constexpr UKernel pick(int nblk) {
                                                                                      : ukernel_vnni<MR, 4>;
 }
 
-UKernel kernel_for(int mr, int nblk) {
+// Calls f(std::integral_constant<int, MR>) for a tile height mr in 1..6 (6 and above: 6), so each
+// micro-kernel family picks its instantiation with one switch.
+template <class F>
+auto with_rows(int mr, F&& f) {
   switch (mr) {
-    case 1: return pick<1>(nblk);
-    case 2: return pick<2>(nblk);
-    case 3: return pick<3>(nblk);
-    case 4: return pick<4>(nblk);
-    case 5: return pick<5>(nblk);
-    default: return pick<6>(nblk);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, 6>{});
   }
+}
+
+UKernel kernel_for(int mr, int nblk) {
+  return with_rows(mr, [nblk](auto rows) { return pick<decltype(rows)::value>(nblk); });
 }
 
 // Weight-only: MR rows x one 16-column block. Each 16-byte quarter of a 64-byte tile row holds 4
@@ -182,14 +190,7 @@ void ukernel_f32(const float* x, int64_t ldx, const float* buf, int64_t kc, floa
 
 using FKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
 FKernel fkernel_for(int mr) {
-  switch (mr) {
-    case 1: return ukernel_f32<1>;
-    case 2: return ukernel_f32<2>;
-    case 3: return ukernel_f32<3>;
-    case 4: return ukernel_f32<4>;
-    case 5: return ukernel_f32<5>;
-    default: return ukernel_f32<6>;
-  }
+  return with_rows(mr, [](auto rows) -> FKernel { return ukernel_f32<decltype(rows)::value>; });
 }
 
 void gemm_wo_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
@@ -263,14 +264,7 @@ void ukernel_bf16(const bf16_t* x, int64_t ldx, const uint32_t* buf, int64_t kpa
 
 using BKernel = void (*)(const bf16_t*, int64_t, const uint32_t*, int64_t, float*, bool);
 BKernel bkernel_for(int mr) {
-  switch (mr) {
-    case 1: return ukernel_bf16<1>;
-    case 2: return ukernel_bf16<2>;
-    case 3: return ukernel_bf16<3>;
-    case 4: return ukernel_bf16<4>;
-    case 5: return ukernel_bf16<5>;
-    default: return ukernel_bf16<6>;
-  }
+  return with_rows(mr, [](auto rows) -> BKernel { return ukernel_bf16<decltype(rows)::value>; });
 }
 
 void gemm_wo_bf16_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {

@@ -94,10 +94,17 @@ def machine_limits(device: str = "cpu") -> Dict[str, float]:
         a = torch.empty(n, dtype=torch.uint8, device="cuda")
         t = min(time_fn(lambda: a.clone(), repeats=5, device="cuda"))
         bw = 2 * n / t / 1e9
-        x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-        tf = min(time_fn(lambda: x @ x, repeats=5, device="cuda"))
-        _LIMITS = {"device": "cuda", "mem_gbps": bw, "fp32_gflops": 2 * 8192**3 / tf / 1e9,
-                   "int8_gops": 2 * 8192**3 / tf / 1e9 * 2}
+        m = 8192
+        ops = 2 * m**3
+        x32 = torch.randn(m, m, device="cuda")
+        xbf = x32.to(torch.bfloat16)
+        xi8 = torch.randint(-127, 127, (m, m), dtype=torch.int8, device="cuda")
+        # Each peak is measured with its own kernel (fp32 matmul, bf16 matmul, torch._int_mm).
+        t32 = min(time_fn(lambda: x32 @ x32, repeats=5, device="cuda"))
+        tbf = min(time_fn(lambda: xbf @ xbf, repeats=5, device="cuda"))
+        ti8 = min(time_fn(lambda: torch._int_mm(xi8, xi8), repeats=5, device="cuda"))
+        _LIMITS = {"device": "cuda", "mem_gbps": bw, "fp32_gflops": ops / t32 / 1e9,
+                   "bf16_gflops": ops / tbf / 1e9, "int8_gops": ops / ti8 / 1e9}
         return _LIMITS
     src = torch.empty(64 << 20, dtype=torch.float32)  # 256 MB, far beyond the LLC
     src.fill_(1.0)

@@ -92,7 +92,7 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
     limits = machine_limits(device)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; measured now: memory {limits['mem_gbps']:.1f} GB/s, "
-          f"fp32 {limits['fp32_gflops']:.0f} GFLOP/s (MKL sgemm), int8 {limits['int8_gops']:.0f} GOP/s (torch._int_mm)")
+          f"fp32 {limits['fp32_gflops']:.0f} GFLOP/s (matmul), int8 {limits['int8_gops']:.0f} GOP/s (torch._int_mm)")
     results = []
     for family in only:
         for case in load_cases(family, quick, device):
