@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -119,6 +120,27 @@ inline KdLossArgs kd_loss_args(const at::Tensor& student, const at::Tensor& teac
   p.soft_coef = float(soft_coef);
   p.hard_weight = float(hard_weight);
   return a;
+}
+
+// How per-row losses become the returned loss (kd_loss_fused): the derivative of the reduced loss by
+// each counted row's loss is one constant.
+enum class KdReduction { batchmean, sum, mean, none };
+
+inline KdReduction kd_reduction(const std::string& name) {
+  if (name == "batchmean") return KdReduction::batchmean;
+  if (name == "sum") return KdReduction::sum;
+  if (name == "mean") return KdReduction::mean;
+  if (name == "none") return KdReduction::none;
+  TORCH_CHECK(false, "fastdistill.kd_loss: reduction must be one of ('batchmean', 'sum', 'mean', 'none'), got '", name, "'");
+}
+
+// batchmean divides by the counted rows (0 rows: the sum, which is 0), mean by rows * V as F.kl_div.
+inline double kd_reduction_weight(KdReduction r, int64_t rows, int64_t vocab, int64_t counted) {
+  switch (r) {
+    case KdReduction::batchmean: return 1.0 / double(std::max<int64_t>(counted, 1));
+    case KdReduction::mean: return 1.0 / double(std::max<int64_t>(rows * vocab, 1));
+    default: return 1.0;
+  }
 }
 
 // The backward's extra inputs: d loss / d row_loss and the forward's statistics.

@@ -15,6 +15,12 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor? labels, "
         "Tensor stats, float temperature, str divergence, float beta, int ignore_index, "
         "float soft_coef, float hard_weight) -> Tensor");
+  // Forward and gradient in one call, for training (fastdistill.loss): kd_loss_forward's outputs and
+  // d loss / d student for a unit grad_output of the loss reduced as `reduction` says (batchmean,
+  // sum, mean, none). Each row's gradient is written while the row is still in cache.
+  m.def("kd_loss_fused(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, "
+        "str reduction) -> (Tensor, Tensor, Tensor)");
 
   // ---- int8 quantized inference (issue 3) ----
   // Symmetric int8, zero point 0: s = amax / 127, q = clamp(round_half_even(x / s), -127, 127);

@@ -32,8 +32,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         raise ValueError(f"fastdistill.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     t = float(temperature)
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
-    row_loss, _ = ops.kd_loss_forward(student_logits, teacher_logits, labels, t, divergence, beta,
-                                      ignore_index, soft_coef, hard_weight)
+    args = (student_logits, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
+            float(hard_weight))
+    if _fused_applies(student_logits):
+        return _FusedKDLoss.apply(*args, reduction)
+    row_loss, _ = ops.kd_loss_forward(*args)
+    return _reduce(row_loss, student_logits, labels, ignore_index, reduction)
+
+
+def _reduce(row_loss, student_logits, labels, ignore_index, reduction):
     if reduction == "none":
         return row_loss.view(student_logits.shape[:-1])
     total = row_loss.sum()
@@ -45,6 +52,57 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         return total / max(row_loss.numel(), 1)
     counted = (labels != ignore_index).sum().clamp_min(1)
     return total / counted
+
+
+def _fused_applies(student: torch.Tensor) -> bool:
+    """The one-call forward+gradient path: eager CPU training. torch.compile traces the two-op path
+    (kd_loss_forward / kd_loss_backward) instead, and CUDA keeps it too (there the unit-grad_output
+    check below would be a host sync)."""
+    return (torch.is_grad_enabled() and student.requires_grad and student.device.type == "cpu"
+            and type(student) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+class _FusedKDLoss(torch.autograd.Function):
+    """The forward writes the gradient too, each row while it is still in cache after its statistics, so a
+    training step moves 2 reads + 1 write of logits-sized memory instead of 4 reads + 1 write. The backward
+    hands that gradient over, scaled in place when grad_output is not exactly 1; no second logits-sized
+    tensor exists at any point."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                hard_weight, reduction):
+        row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
+                                                  ignore_index, soft_coef, hard_weight, reduction)
+        ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+        ctx.reduction = reduction
+        ctx.grad = grad
+        return _reduce(row_loss, student, labels, ignore_index, reduction)  # as the two-op path, bit for bit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student, teacher, labels, stats = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # the precomputed gradient is handed over once
+        none = (None,) * 9
+        if grad is not None and not torch.is_grad_enabled():
+            g = grad_loss.reshape(grad.shape[:-1] + (1,)) if ctx.reduction == "none" else grad_loss
+            if not bool((g == 1).all()):  # a CPU tensor: no device sync
+                grad.mul_(g)
+            return (grad,) + none
+        # A second backward (retain_graph=True), or create_graph=True: recompute through the backward op,
+        # whose own autograd raises a clear error for double backward.
+        rows = ops._rows(student)
+        if ctx.reduction == "none":
+            grad_rows = grad_loss.reshape(rows)
+        else:
+            divisor = {"sum": 1, "mean": max(student.numel(), 1), "batchmean": max(rows, 1)}[ctx.reduction]
+            if ctx.reduction == "batchmean" and labels is not None:
+                divisor = (labels != ctx.params[3]).sum().clamp_min(1)
+            grad_rows = (grad_loss / divisor).float().expand(rows)
+        grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
+                                                      *ctx.params)
+        return (grad,) + none
 
 
 class KDLoss(torch.nn.Module):

@@ -35,6 +35,13 @@ if _lib_loaded:
         return (student.new_empty((rows,), dtype=torch.float32),
                 student.new_empty((rows, 8), dtype=torch.float32))
 
+    @torch.library.register_fake("fastdistill::kd_loss_fused")
+    def _kd_loss_fused_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
+                            soft_coef, hard_weight, reduction):
+        loss, stats = _kd_loss_forward_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
+                                            soft_coef, hard_weight)
+        return loss, stats, student.new_empty(student.shape)
+
     @torch.library.register_fake("fastdistill::kd_loss_backward")
     def _kd_loss_backward_fake(grad_rows, student, teacher, labels, stats, temperature, divergence, beta,
                                ignore_index, soft_coef, hard_weight):
@@ -61,6 +68,16 @@ if _lib_loaded:
 
     torch.library.register_autograd(
         "fastdistill::kd_loss_backward", _kd_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def kd_loss_fused(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
+                  reduction):
+    """(row losses, stats, d loss / d student for a unit grad_output of the loss reduced by `reduction`) in
+    one call; no autograd of its own (fastdistill.loss wraps it)."""
+    _ext.require("kd_loss_fused", student.device)
+    return torch.ops.fastdistill.kd_loss_fused(
+        student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index),
+        float(soft_coef), float(hard_weight), reduction)
 
 
 # ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)

@@ -207,6 +207,69 @@ def test_double_backward_is_a_clear_error():
         g.sum().backward()
 
 
+def two_op_path(student, teacher, grad_out, reduction, labels=None, ignore_index=-100, **kw):
+    """The loss and gradient through kd_loss_forward / kd_loss_backward (what torch.compile traces)."""
+    args = (student, teacher, labels, kw.get("temperature", 1.0), kw.get("divergence", "forward_kl"), 0.3,
+            ignore_index, kw.get("soft_weight", 1.0) * kw.get("temperature", 1.0) ** 2, kw.get("hard_weight", 0.0))
+    rows, stats = torch.ops.fastdistill.kd_loss_forward(*args)
+    x = rows.clone().requires_grad_()
+    loss = fastdistill.loss._reduce(x, student, labels, ignore_index, reduction)
+    loss.backward(grad_out)
+    grad = torch.ops.fastdistill.kd_loss_backward(x.grad.reshape(-1).contiguous(), student, teacher, labels, stats,
+                                                  *args[3:])
+    return loss, grad
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_training_path_equals_two_op_path(dtype, divergence, reduction):
+    """Eager CPU training writes the gradient in the forward call; with grad_output = 1 it is handed over
+    unchanged and must equal the separate backward's bit for bit; other grad_outputs scale it in place."""
+    s, t = logits((2, 5, 3001), dtype, seed=1), logits((2, 5, 3001), dtype, seed=2)
+    labels = torch.randint(0, 3001, (2, 5))
+    labels[0, 1] = -100
+    kw = dict(temperature=2.0, divergence=divergence, soft_weight=0.8, hard_weight=0.3)
+    for scale in (1.0, 0.37):
+        x = s.clone().requires_grad_()
+        loss = kd_loss(x, t, labels=labels, reduction=reduction, beta=0.3, **kw)
+        assert loss.grad_fn.name().endswith("_FusedKDLossBackward")
+        grad_out = torch.full_like(loss, scale)
+        loss.backward(grad_out)
+        ref_loss, ref_grad = two_op_path(s, t, grad_out, reduction, labels=labels, **kw)
+        assert torch.equal(loss, ref_loss)
+        if scale == 1.0:
+            assert torch.equal(x.grad, ref_grad)
+        else:
+            tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)
+            torch.testing.assert_close(x.grad, ref_grad, **tol)
+
+
+def test_fused_path_second_backward_recomputes():
+    """retain_graph=True: the precomputed gradient is handed over once, later backwards recompute it."""
+    s, t = logits((6, 700), torch.float32), logits((6, 700), torch.float32, seed=3)
+    labels = torch.tensor([1, -100, 3, 4, 5, 6])
+    x = s.clone().requires_grad_()
+    loss = kd_loss(x, t, temperature=2.0, labels=labels, hard_weight=0.5)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    x.grad = None
+    loss.backward(torch.tensor(0.5), retain_graph=True)
+    torch.testing.assert_close(x.grad, first * 0.5, rtol=1e-6, atol=1e-9)
+    x.grad = None
+    loss.backward()
+    assert torch.equal(x.grad, first)
+
+
+def test_forward_without_grad_uses_the_two_op_path():
+    s, t = logits((4, 100), torch.float32), logits((4, 100), torch.float32, seed=1)
+    assert kd_loss(s, t).grad_fn is None
+    x = s.clone().requires_grad_()
+    with torch.no_grad():
+        assert torch.equal(kd_loss(x, t), kd_loss(s, t))
+    assert kd_loss(x, t).grad_fn.name().endswith("_FusedKDLossBackward")
+
+
 def test_empty_batch():
     s, t = torch.empty(0, 10, requires_grad=True), torch.empty(0, 10)
     loss = kd_loss(s, t)
@@ -230,6 +293,11 @@ def test_opcheck():
                               (torch.randn(5), s.detach(), t, labels, stats, 2.0, div, 0.4, -100, 4.0, 0.5),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(fwd, (s, t, None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0))
+    fused = torch.ops.fastdistill.kd_loss_fused.default
+    for reduction in ("batchmean", "sum", "mean", "none"):
+        # No autograd of its own: fastdistill.loss wraps it in an autograd.Function.
+        torch.library.opcheck(fused, (s.detach(), t, labels, 2.0, "jsd", 0.4, -100, 4.0, 0.5, reduction),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
@@ -324,3 +392,9 @@ def test_large_gradient_streamed_past_cache_is_exact(dtype, rows):
             few = s[-3:].clone().requires_grad_()
             kd_loss(few, t[-3:], temperature=2.0, reduction="sum").backward()
             assert torch.equal(x.grad[-3:], few.grad)
+
+
+def test_fused_op_rejects_unknown_reduction():
+    s, t = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="reduction must be one of \\('batchmean', 'sum', 'mean', 'none'\\), got 'avg'"):
+        torch.ops.fastdistill.kd_loss_fused(s, t, None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0, "avg")

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -67,32 +68,53 @@ void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, fl
   kd_store_stats(lse, stats + r * kNumStats);
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const std::optional<at::Tensor>& labels, double temperature,
-                                                    c10::string_view divergence, double beta, int64_t ignore_index,
-                                                    double soft_coef, double hard_weight) {
-  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
-                                 soft_coef, hard_weight);
-  const KdLossParams& p = args.params;
-  check_labels(p);
-  auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
-  float* loss_ptr = loss.data_ptr<float>();
-  float* stats_ptr = stats.data_ptr<float>();
+// Gradient of rows [r0, r1) into `out` (contiguous [rows, vocab]): g[r * g_stride] is d loss / d row_loss.
+// Ignored rows get zeros.
+void backward_row(const KdLossParams& p, const KdKernels& k, int64_t r, int64_t c0, int64_t c1, const float* stats,
+                  float g, void* out) {
+  if (!p.counted(r)) {
+    const int64_t elem = p.student_dtype == DType::f32 ? 4 : 2;
+    std::memset(static_cast<char*>(out) + (r * p.vocab + c0) * elem, 0, (c1 - c0) * elem);
+    return;
+  }
+  KdRowGrad rg = kd_load_stats(stats + r * kNumStats);
+  rg.soft = g * p.soft_coef * p.inv_temperature;
+  rg.hard = p.has_hard() ? g * p.hard_weight : 0.f;
+  rg.label = p.has_hard() ? p.labels[r] : -1;
+  k.backward(p, r, c0, c1, rg, out);
+}
+
+void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats, const float* g, int64_t g_stride,
+                  void* out) {
+  const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
+  at::parallel_for(0, p.rows * nchunks, chunk == p.vocab ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nchunks, c0 = (i % nchunks) * chunk;
+      backward_row(p, k, r, c0, std::min(p.vocab, c0 + chunk), stats, g[r * g_stride], out);
+    }
+  });
+}
+
+// Loss rows and statistics; with `grad` also the gradient for d loss / d row_loss = *grad_weight (one
+// constant for every row). Whole rows are one task each, so the gradient pass re-reads a row while it is
+// still in cache: 2 reads + 1 write of logits-sized memory instead of the 4 reads + 1 write of separate
+// forward and backward calls.
+void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, const float* grad_weight) {
   const KdKernels k = kernels();
   const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
   const int64_t chunk = column_chunk(p);
-  if (chunk == p.vocab) {  // one task per row: both JSD passes run while the row is in cache
+  if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
     at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const KdPartial st = k.stats(p, r, 0, p.vocab);
         const KdRowGrad lse = kd_row_lse(st, p.separate_hard_lse());
         float sum_p = 0.f, sum_q = 0.f;
         if (jsd) k.jsd(p, r, 0, p.vocab, lse, &sum_p, &sum_q);
-        finish_row(p, r, lse, sum_p, sum_q, st, loss_ptr, stats_ptr);
+        finish_row(p, r, lse, sum_p, sum_q, st, loss, stats);
+        if (grad) backward_row(p, k, r, 0, p.vocab, stats, *grad_weight, grad);
       }
     });
-    return {loss, stats};
+    return;
   }
   // Few long rows: (row, chunk) tasks, merged per row in chunk order.
   const int64_t nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
@@ -125,8 +147,22 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, co
       sum_p += sums[2 * (r * nchunks + c)];
       sum_q += sums[2 * (r * nchunks + c) + 1];
     }
-    finish_row(p, r, kd_row_lse(merged[r], p.separate_hard_lse()), sum_p, sum_q, merged[r], loss_ptr, stats_ptr);
+    finish_row(p, r, kd_row_lse(merged[r], p.separate_hard_lse()), sum_p, sum_q, merged[r], loss, stats);
   }
+  if (grad) backward_all(p, k, stats, grad_weight, 0, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const std::optional<at::Tensor>& labels, double temperature,
+                                                    c10::string_view divergence, double beta, int64_t ignore_index,
+                                                    double soft_coef, double hard_weight) {
+  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
+                                 soft_coef, hard_weight);
+  const KdLossParams& p = args.params;
+  check_labels(p);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
+  forward_rows(p, loss.data_ptr<float>(), stats.data_ptr<float>(), nullptr, nullptr);
   return {loss, stats};
 }
 
@@ -140,27 +176,29 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
   kd_check_backward(grad_rows, stats, p, student.device());
   at::Tensor grad = empty_reusable(student.sizes(), student.options());
   const at::Tensor g_rows = grad_rows.contiguous(), st = stats.contiguous();
-  const float* g = g_rows.data_ptr<float>();
-  const float* s = st.data_ptr<float>();
-  void* out = grad.data_ptr();
-  const int64_t elem = grad.element_size();
-  const KdKernels k = kernels();
-  const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
-  at::parallel_for(0, p.rows * nchunks, chunk == p.vocab ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / nchunks, c0 = (i % nchunks) * chunk, c1 = std::min(p.vocab, c0 + chunk);
-      if (!p.counted(r)) {
-        std::memset(static_cast<char*>(out) + (r * p.vocab + c0) * elem, 0, (c1 - c0) * elem);
-        continue;
-      }
-      KdRowGrad rg = kd_load_stats(s + r * kNumStats);
-      rg.soft = g[r] * p.soft_coef * p.inv_temperature;
-      rg.hard = p.has_hard() ? g[r] * p.hard_weight : 0.f;
-      rg.label = p.has_hard() ? p.labels[r] : -1;
-      k.backward(p, r, c0, c1, rg, out);
-    }
-  });
+  backward_all(p, kernels(), st.data_ptr<float>(), g_rows.data_ptr<float>(), 1, grad.data_ptr());
   return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fused(const at::Tensor& student, const at::Tensor& teacher,
+                                                              const std::optional<at::Tensor>& labels,
+                                                              double temperature, c10::string_view divergence,
+                                                              double beta, int64_t ignore_index, double soft_coef,
+                                                              double hard_weight, c10::string_view reduction) {
+  const KdReduction red = kd_reduction(std::string(reduction));
+  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
+                                 soft_coef, hard_weight);
+  const KdLossParams& p = args.params;
+  check_labels(p);
+  int64_t counted = p.rows;
+  if (p.labels) counted = std::count_if(p.labels, p.labels + p.rows, [&](int64_t l) { return l != p.ignore_index; });
+  // d reduced / d row_loss: the same for every row (ignored rows are zero anyway).
+  const float grad_weight = float(kd_reduction_weight(red, p.rows, p.vocab, counted));
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor rows_loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
+  at::Tensor grad = empty_reusable(student.sizes(), student.options());
+  forward_rows(p, rows_loss.data_ptr<float>(), stats.data_ptr<float>(), grad.data_ptr(), &grad_weight);
+  return {rows_loss, stats, grad};
 }
 
 }  // namespace
@@ -168,6 +206,7 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("kd_loss_forward", &kd_loss_forward);
   m.impl("kd_loss_backward", &kd_loss_backward);
+  m.impl("kd_loss_fused", &kd_loss_fused);
 }
 
 }  // namespace fastdistill::cpu
