@@ -19,7 +19,7 @@ class Case:
     baselines: Dict[str, Callable[[], object]]
     bytes: float = 0.0                # minimum bytes that must move per call (memory floor)
     flops: float = 0.0                # (dense-equivalent) FLOPs or int OPs per call
-    cold: bool = False                # weights rotate through >= COLD_BYTES (256 MB) of copies
+    cold: bool = False                # weights rotate through >= COLD_BYTES of copies (2x LLC, >= 256 MB)
     peak_kind: str = "fp32"           # which compute roofline applies: fp32 | int8
     note: str = ""
     extra: Dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. peak memory
@@ -58,17 +58,34 @@ def summarize(samples: List[float]) -> Dict[str, float]:
     return {"median": med, "min": min(samples), "spread": (max(samples) - min(samples)) / med if med else 0.0}
 
 
-# Weight copies that cold-cache cases rotate through. 64 MB is not enough here: the two vCPUs may sit
-# on two CCDs whose L3s (32 MB each) together hold 64 MB, and the int8 GEMV then "streamed" faster
-# than DRAM can deliver. 256 MB is beyond any LLC this code runs on.
-COLD_BYTES = 256 << 20
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this OS reports (sysfs), 0 if unknown."""
+    import glob
+
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best
+
+
+# Weight copies that cold-cache cases rotate through, and the size of the memory-bandwidth probe: twice
+# the last-level cache, and never under 256 MB. A fixed 256 MB was not enough: one dev machine reports a
+# 480 MB L3, and an AMD one's two CCDs hold 64 MB together; a GEMV "streamed" faster than DRAM there.
+COLD_BYTES = max(256 << 20, 2 * last_level_cache_bytes())
 
 
 class Rotating:
     """Cycles through copies of a weight set so that each call streams its weights from DRAM, as in
     a real model whose layers do not fit in cache. `make()` builds one copy (a tuple of tensors)."""
 
-    def __init__(self, make: Callable[[], tuple], min_bytes: int = COLD_BYTES, max_copies: int = 64):
+    def __init__(self, make: Callable[[], tuple], min_bytes: int = COLD_BYTES, max_copies: int = 4096):
         first = make()
         per_copy = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
         n = max(1, min(max_copies, -(-min_bytes // max(per_copy, 1))))
@@ -106,10 +123,10 @@ def machine_limits(device: str = "cpu") -> Dict[str, float]:
         _LIMITS = {"device": "cuda", "mem_gbps": bw, "fp32_gflops": ops / t32 / 1e9,
                    "bf16_gflops": ops / tbf / 1e9, "int8_gops": ops / ti8 / 1e9}
         return _LIMITS
-    src = torch.empty(64 << 20, dtype=torch.float32)  # 256 MB, far beyond the LLC
+    src = torch.empty(COLD_BYTES // 4, dtype=torch.float32)  # far beyond the LLC
     src.fill_(1.0)
     half_a, half_b = src[: src.numel() // 2], src[src.numel() // 2:]
-    # DRAM read bandwidth: the best of a one-stream (sum) and a two-stream (dot) read of 256 MB.
+    # DRAM read bandwidth: the best of a one-stream (sum) and a two-stream (dot) read of COLD_BYTES.
     t_read = min(min(time_fn(lambda: src.sum(), repeats=5)), min(time_fn(lambda: torch.dot(half_a, half_b), repeats=5)))
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)

@@ -1,7 +1,7 @@
 """int8 inference benchmark cases: fastdistill int8_linear (dynamic W8A8) and weight-only int8 vs
 fp32 / bf16 F.linear (MKL) and torch.ao quantize_dynamic (fbgemm), measured in the same run.
 
-Small M (<= 16) is weight streaming: every implementation rotates through >= 256 MB of weight copies
+Small M (<= 16) is weight streaming: every implementation rotates through COLD_BYTES of weight copies
 (common.Rotating) so weights come from DRAM as in a real model. Large M is compute bound (GOP/s).
 """
 import math
@@ -25,7 +25,7 @@ COLD_M = 16  # M <= COLD_M is measured cold-cache
 class _RotatingObjects(Rotating):
     """Rotating for copies that are not plain tensors (e.g. fbgemm modules): the caller gives the size."""
 
-    def __init__(self, make, bytes_per_copy: int, min_bytes: int = COLD_BYTES, max_copies: int = 64):
+    def __init__(self, make, bytes_per_copy: int, min_bytes: int = COLD_BYTES, max_copies: int = 4096):
         n = max(1, min(max_copies, -(-min_bytes // max(bytes_per_copy, 1))))
         self.copies = [make() for _ in range(n)]
         self.bytes_per_copy = bytes_per_copy

@@ -2,7 +2,7 @@
 sparse24_int8_linear vs dense F.linear in fp32 and bf16 (MKL) and fastdistill's dense int8
 (int8_linear, dynamic W8A8), all measured in the same run.
 
-Small M (<= 16) is weight streaming: every implementation rotates through >= 256 MB of weight copies
+Small M (<= 16) is weight streaming: every implementation rotates through COLD_BYTES (2x LLC) of weight copies
 (common.Rotating) so the weights come from DRAM. `bytes` is the compressed weight size (values +
 meta), `flops` the dense-equivalent 2*M*N*K, so GFLOP/s are comparable with the dense baselines.
 Weights are built lazily, one shape at a time, so a full run fits in a few GB.
