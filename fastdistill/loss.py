@@ -46,12 +46,16 @@ def _reduce(row_loss, student_logits, labels, ignore_index, reduction):
     total = row_loss.sum()
     if reduction == "sum":
         return total
+    return total / _divisor(student_logits, labels, ignore_index, reduction)
+
+
+def _divisor(student_logits, labels, ignore_index, reduction):
+    """What mean and batchmean divide the summed row losses by."""
     if reduction == "mean":
-        return total / max(student_logits.numel(), 1)
+        return max(student_logits.numel(), 1)
     if labels is None:
-        return total / max(row_loss.numel(), 1)
-    counted = (labels != ignore_index).sum().clamp_min(1)
-    return total / counted
+        return max(ops._rows(student_logits), 1)
+    return (labels != ignore_index).sum().clamp_min(1)
 
 
 def _fused_applies(student: torch.Tensor) -> bool:
@@ -75,7 +79,7 @@ class _FusedKDLoss(torch.autograd.Function):
         row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
                                                   ignore_index, soft_coef, hard_weight, reduction)
         ctx.save_for_backward(student, teacher, labels, stats)
-        ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+        ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
         ctx.reduction = reduction
         ctx.grad = grad
         return _reduce(row_loss, student, labels, ignore_index, reduction)  # as the two-op path, bit for bit
@@ -95,11 +99,10 @@ class _FusedKDLoss(torch.autograd.Function):
         rows = ops._rows(student)
         if ctx.reduction == "none":
             grad_rows = grad_loss.reshape(rows)
+        elif ctx.reduction == "sum":
+            grad_rows = grad_loss.expand(rows)
         else:
-            divisor = {"sum": 1, "mean": max(student.numel(), 1), "batchmean": max(rows, 1)}[ctx.reduction]
-            if ctx.reduction == "batchmean" and labels is not None:
-                divisor = (labels != ctx.params[3]).sum().clamp_min(1)
-            grad_rows = (grad_loss / divisor).float().expand(rows)
+            grad_rows = (grad_loss / _divisor(student, labels, ctx.params[3], ctx.reduction)).expand(rows)
         grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
                                                       *ctx.params)
         return (grad,) + none

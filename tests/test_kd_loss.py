@@ -245,19 +245,21 @@ def test_fused_training_path_equals_two_op_path(dtype, divergence, reduction):
             torch.testing.assert_close(x.grad, ref_grad, **tol)
 
 
-def test_fused_path_second_backward_recomputes():
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_path_second_backward_recomputes(reduction):
     """retain_graph=True: the precomputed gradient is handed over once, later backwards recompute it."""
     s, t = logits((6, 700), torch.float32), logits((6, 700), torch.float32, seed=3)
     labels = torch.tensor([1, -100, 3, 4, 5, 6])
     x = s.clone().requires_grad_()
-    loss = kd_loss(x, t, temperature=2.0, labels=labels, hard_weight=0.5)
-    loss.backward(retain_graph=True)
+    loss = kd_loss(x, t, temperature=2.0, labels=labels, hard_weight=0.5, reduction=reduction)
+    ones = torch.ones_like(loss)
+    loss.backward(ones, retain_graph=True)
     first = x.grad.clone()
     x.grad = None
-    loss.backward(torch.tensor(0.5), retain_graph=True)
+    loss.backward(ones * 0.5, retain_graph=True)
     torch.testing.assert_close(x.grad, first * 0.5, rtol=1e-6, atol=1e-9)
     x.grad = None
-    loss.backward()
+    loss.backward(ones)
     assert torch.equal(x.grad, first)
 
 
