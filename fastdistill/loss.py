@@ -67,11 +67,17 @@ def _fused_applies(student: torch.Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def _exact_scales(g: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether scaling a `dtype` tensor by every value of g is exact: zeros and powers of 2, for bf16 (fp32's
+    range: its subnormals are below 1e-38). fp16 gradients have subnormals from 6e-5 down, where it is not."""
+    return dtype == torch.bfloat16 and bool(((torch.frexp(g).mantissa.abs() == 0.5) | (g == 0)).all())
+
+
 class _FusedKDLoss(torch.autograd.Function):
     """The forward writes the gradient too, each row while it is still in cache after its statistics, so a
     training step moves 2 reads + 1 write of logits-sized memory instead of 4 reads + 1 write. The backward
-    hands that gradient over, scaled in place when grad_output is not exactly 1; no second logits-sized
-    tensor exists at any point."""
+    hands that gradient over, scaled in place when grad_output is not exactly 1 (an fp32 gradient, or a bf16
+    one and a power-of-2 scale such as 1 / accumulation steps); no second logits-sized tensor exists."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
@@ -91,11 +97,14 @@ class _FusedKDLoss(torch.autograd.Function):
         none = (None,) * 9
         if grad is not None and not torch.is_grad_enabled():
             g = grad_loss.reshape(grad.shape[:-1] + (1,)) if ctx.reduction == "none" else grad_loss
-            if not bool((g == 1).all()):  # a CPU tensor: no device sync
+            if bool((g == 1).all()):  # a CPU tensor: no device sync
+                return (grad,) + none
+            if grad.dtype == torch.float32 or _exact_scales(g, grad.dtype):
                 grad.mul_(g)
-            return (grad,) + none
-        # A second backward (retain_graph=True), or create_graph=True: recompute through the backward op,
-        # whose own autograd raises a clear error for double backward.
+                return (grad,) + none
+        # A second backward (retain_graph=True), create_graph=True, or a low-precision gradient that an in-place
+        # scale would round twice: recompute through the backward op, whose own autograd raises a clear error
+        # for double backward.
         rows = ops._rows(student)
         if ctx.reduction == "none":
             grad_rows = grad_loss.reshape(rows)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -19,15 +20,20 @@ struct KdKernels {
   KdPartial (*stats)(const KdLossParams&, int64_t, int64_t, int64_t);
   void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, float*, float*);
   void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
+  KdPartial (*stats_cached)(const KdLossParams&, int64_t, float*);
+  void (*backward_cached)(const KdLossParams&, int64_t, const KdRowGrad&, const float*, void*);
 };
+
+#define FASTDISTILL_KD_KERNELS(isa) \
+  KdKernels { isa::kd_row_stats, isa::kd_row_jsd, isa::kd_row_backward, isa::kd_row_stats_cached, isa::kd_row_backward_cached }
 
 KdKernels kernels() {
   switch (active_isa()) {
 #if defined(__x86_64__)
-    case CpuIsa::avx512: return {avx512::kd_row_stats, avx512::kd_row_jsd, avx512::kd_row_backward};
-    case CpuIsa::avx2: return {avx2::kd_row_stats, avx2::kd_row_jsd, avx2::kd_row_backward};
+    case CpuIsa::avx512: return FASTDISTILL_KD_KERNELS(avx512);
+    case CpuIsa::avx2: return FASTDISTILL_KD_KERNELS(avx2);
 #endif
-    default: return {scalar::kd_row_stats, scalar::kd_row_jsd, scalar::kd_row_backward};
+    default: return FASTDISTILL_KD_KERNELS(scalar);
   }
 }
 
@@ -84,6 +90,17 @@ void backward_row(const KdLossParams& p, const KdKernels& k, int64_t r, int64_t 
   k.backward(p, r, c0, c1, rg, out);
 }
 
+// backward_row from the exponentials that k.stats_cached left in `cache`.
+void backward_row_cached(const KdLossParams& p, const KdKernels& k, int64_t r, const float* stats, float g,
+                         const float* cache, void* out) {
+  if (!p.counted(r)) return backward_row(p, k, r, 0, p.vocab, stats, g, out);  // zeros
+  KdRowGrad rg = kd_load_stats(stats + r * kNumStats);
+  rg.soft = g * p.soft_coef * p.inv_temperature;
+  rg.hard = p.has_hard() ? g * p.hard_weight : 0.f;
+  rg.label = p.has_hard() ? p.labels[r] : -1;
+  k.backward_cached(p, r, rg, cache, out);
+}
+
 void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats, const float* g, int64_t g_stride,
                   void* out) {
   const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
@@ -104,8 +121,19 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
   const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
   const int64_t chunk = column_chunk(p);
   if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
+    // Forward KL gradients come from the statistics pass's cached exponentials (no exp, no logits re-read).
+    const bool cached = grad && p.divergence == Divergence::forward_kl && !p.separate_hard_lse();
     at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
+      std::vector<float> cache(cached ? size_t(kd_cache_floats(p.vocab)) : 0);
       for (int64_t r = r0; r < r1; ++r) {
+        if (cached) {
+          const KdPartial st = k.stats_cached(p, r, cache.data());
+          const KdRowGrad lse = kd_row_lse(st, false);
+          finish_row(p, r, lse, 0.f, 0.f, st, loss, stats);
+          if (!std::isfinite(lse.lz_t) || !std::isfinite(lse.lz_s)) backward_row(p, k, r, 0, p.vocab, stats, *grad_weight, grad);
+          else backward_row_cached(p, k, r, stats, *grad_weight, cache.data(), grad);
+          continue;
+        }
         const KdPartial st = k.stats(p, r, 0, p.vocab);
         const KdRowGrad lse = kd_row_lse(st, p.separate_hard_lse());
         float sum_p = 0.f, sum_q = 0.f;

@@ -5,7 +5,7 @@
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Rows are processed in blocks that stay in L1 between the block's max pass and its sum pass, so
 // the running maxima move once per block, not once per element (one exp per element, not two).
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = kKdBlock;
 // Exponentials are taken base 2 with log2(e) folded into 1/T, which saves the range reduction's
 // multiply and its two-constant subtraction per element; sums of exp are the same numbers, and
 // log-domain quantities are converted back with ln 2 once per row.
@@ -23,8 +23,11 @@ inline void store_upto(T* p, int64_t i, int64_t n, VecF x) {
 }
 
 // kW: 0 = no weighted sum (JSD first pass), 1 = teacher primary (forward KL), 2 = student primary.
+// With `cache` (fused training path, whole rows): the exponentials are kept for the gradient pass,
+// cache[0, n) = 2^ua (teacher), cache[n, 2n) = 2^ub (student), and per block the reference maxima they
+// are relative to, cache[2n + 2b] (teacher) and cache[2n + 2b + 1] (student).
 template <int kW, bool kHard, class TS, class TT>
-KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
+KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* cache = nullptr) {
   const float inv_t2 = inv_t * kLog2e;
   const VecF zero = vset1(0.f), vinv2 = vset1(inv_t2), vlog2e = vset1(kLog2e);
   VecF zt = zero, zs = zero, zh = zero, w = zero;
@@ -53,10 +56,18 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t) {
     }
     // A block whose maxima are still -inf holds only -inf: any finite reference gives exp(.) = 0.
     const VecF rt = vset1(m_t == kNegInf ? 0.f : m_t), rs = vset1(m_s == kNegInf ? 0.f : m_s);
+    if (cache) {
+      cache[2 * n + 2 * (c0 / kBlock)] = m_t;
+      cache[2 * n + 2 * (c0 / kBlock) + 1] = m_s;
+    }
     for (int64_t c = c0; c < c1; c += kLanes) {
       const VecF ds = load_or_neg_inf(s, c, c1) - rs;
       const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv2, ub = ds * vinv2;  // log2 units
       const VecF ea = vexp2(ua), eb = vexp2(ub);
+      if (cache) {
+        store_upto(cache, c, c1, ea);
+        store_upto(cache + n, c, c1, eb);
+      }
       zt = zt + ea;
       zs = zs + eb;
       // Terms with zero probability are skipped, not multiplied: their log ratio may be -inf or NaN.
@@ -146,6 +157,39 @@ void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, co
   if (stream) vstream_fence();
 }
 
+// Forward KL gradient of a whole row from the exponentials its statistics pass cached: per block, p and q
+// are the cached 2^u times one scalar, so this pass does no exp and reads no logits. kHardQ: the hard
+// term's softmax is q (T == 1), folded into q's factor. Rows that are entirely -inf do not come here.
+template <bool kHardQ, class TS>
+void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream) {
+  const float* et = cache;
+  const float* es = cache + n;
+  const float* refs = cache + 2 * n;
+  const float c2 = inv_t * kLog2e;
+  const float wq = kHardQ ? r.soft + r.hard : r.soft;
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int64_t c1 = std::min(n, c0 + kBlock), b = c0 / kBlock;
+    // A block cached while its running max was -inf holds only zeros.
+    const float ft = refs[2 * b] == kNegInf ? 0.f : r.soft * std::exp2((refs[2 * b] - r.m_t) * c2 - r.lz_t * kLog2e);
+    const float fs = refs[2 * b + 1] == kNegInf ? 0.f : wq * std::exp2((refs[2 * b + 1] - r.m_s) * c2 - r.lz_s * kLog2e);
+    const VecF vft = vset1(-ft), vfs = vset1(fs);
+    for (int64_t c = c0; c < c1; c += kLanes) {
+      const VecF p = n - c >= kLanes ? vload(et + c) : vload_tail(et + c, int(n - c), 0.f);
+      const VecF q = n - c >= kLanes ? vload(es + c) : vload_tail(es + c, int(n - c), 0.f);
+      VecF gv = vfma(q, vfs, p * vft);
+      if (kHardQ && r.label >= c && r.label < c + kLanes) {
+        alignas(64) float lanes[kLanes];
+        std::memcpy(lanes, &gv, sizeof(lanes));
+        lanes[r.label - c] -= r.hard;
+        std::memcpy(&gv, lanes, sizeof(lanes));
+      }
+      if (stream && n - c >= kLanes) vstream(g + c, gv);
+      else store_upto(g, c, n, gv);
+    }
+  }
+  if (stream) vstream_fence();
+}
+
 // ---- entry points: runtime dtype / mode switch onto the templates above ----
 
 template <class F>
@@ -192,13 +236,18 @@ void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, cons
   });
 }
 
+// Stream the gradient past the cache when it is far larger than the cache and the range is aligned.
+template <class TS>
+bool stream_gradient(const KdLossParams& p, const TS* g) {
+  constexpr int64_t kStreamBytes = int64_t(64) << 20;
+  return p.rows * p.vocab * int64_t(sizeof(TS)) >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(g) % (kLanes * sizeof(TS)) == 0;
+}
+
 template <int kDiv, class TS, class TT>
 void backward_dispatch_hard(const KdLossParams& p, const TS* s, const TT* t, TS* g, int64_t n, int64_t c0,
                             const KdRowGrad& r) {
-  // Stream the gradient past the cache when it is far larger than the cache and the range is aligned.
-  constexpr int64_t kStreamBytes = int64_t(64) << 20;
-  const bool stream = p.rows * p.vocab * int64_t(sizeof(TS)) >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(g) % (kLanes * sizeof(TS)) == 0;
+  const bool stream = stream_gradient(p, g);
   if (!p.has_hard()) backward_range<kDiv, 0>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
   else if (p.separate_hard_lse()) backward_range<kDiv, 1>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
   else backward_range<kDiv, 2>(s, t, g, n, c0, r, p.inv_temperature, p.beta, stream);
@@ -221,3 +270,26 @@ void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1,
     });
   });
 }
+
+KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache) {
+  return with_dtype(p.student_dtype, [&](auto s_tag) {
+    return with_dtype(p.teacher_dtype, [&](auto t_tag) {
+      using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
+      using TT = std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>;
+      return stats_range<1, false>(static_cast<const TS*>(p.student) + p.student_rows.offset(row),
+                                   static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row), p.vocab,
+                                   p.inv_temperature, cache);
+    });
+  });
+}
+
+void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, void* grad) {
+  with_dtype(p.student_dtype, [&](auto s_tag) {
+    using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
+    TS* g = static_cast<TS*>(grad) + row * p.vocab;
+    if (p.has_hard()) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream_gradient(p, g));
+    else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream_gradient(p, g));
+    return 0;
+  });
+}
+

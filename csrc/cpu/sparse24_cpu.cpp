@@ -88,6 +88,11 @@ struct DynamicTasks {
 };
 
 void run_dynamic(int64_t ntasks, const std::function<void(int64_t)>& body) {
+  static const bool omp = std::getenv("FD_OMP") != nullptr;
+  if (omp) {
+    at::parallel_for(0, ntasks, 1, [&](int64_t a, int64_t b) { for (int64_t t = a; t < b; ++t) body(t); });
+    return;
+  }
   const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, ntasks - 1);
   if (helpers <= 0 || at::in_parallel_region()) {
     for (int64_t t = 0; t < ntasks; ++t) body(t);
