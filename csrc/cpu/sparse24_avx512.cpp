@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -384,10 +383,7 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
 // 4096, 18.9 -> 22.4 at N = 11008); on AMD the hardware prefetcher did better alone (fp32 path).
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
-  static const int64_t kAheadValues = [] { const char* e = std::getenv("FD_PFV"); return e ? std::atoi(e) : 2048; }();
-  static const int64_t kAheadMeta = [] { const char* e = std::getenv("FD_PFM"); return e ? std::atoi(e) : 256; }();
-  static const int64_t kFar = [] { const char* e = std::getenv("FD_FAR"); return e ? std::atoi(e) : 0; }();
-  static const int64_t kFarM = [] { const char* e = std::getenv("FD_FARM"); return e ? std::atoi(e) : 0; }();
+  constexpr int64_t kAheadValues = 2048, kAheadMeta = 256;
   alignas(64) uint8_t stack_x[4096];
   std::vector<uint8_t> heap_x;
   uint8_t* x = stack_x;
@@ -409,8 +405,6 @@ void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
       if (prefetch) {
         _mm_prefetch(reinterpret_cast<const char*>(vrow + 64 * c + kAheadValues), _MM_HINT_T0);
         if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(mrow + 16 * c + kAheadMeta), _MM_HINT_T0);
-        if (kFar) _mm_prefetch(reinterpret_cast<const char*>(vrow + 64 * c + kFar), _MM_HINT_T1);
-        if (kFarM && (c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(mrow + 16 * c + kFarM), _MM_HINT_T1);
       }
       const __m512i idx = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + 16 * c)));
       const __m512i w = _mm512_loadu_si512(vrow + 64 * c);

@@ -14,6 +14,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/sparse24_kernels.h"
+#include "cpu/task_runner.h"
 
 namespace fastdistill::cpu {
 namespace {
@@ -63,56 +64,6 @@ int64_t task_columns(int64_t M, int64_t K, int64_t N, int64_t bytes_per_col, int
                           kTaskWork / std::max<int64_t>(M * K / 2, 1));
   cols = std::min(cols, N / std::max<int64_t>(4 * nthreads, 1));  // >= 4 tasks per thread
   return std::max<int64_t>(4, cols / 4 * 4);
-}
-
-// Runs body(t) for t in [0, ntasks), each task exactly once, on the calling thread plus up to
-// get_num_threads() - 1 helpers from the inter-op pool that claim tasks dynamically. Unlike an
-// OpenMP fork/join (at::parallel_for), the caller never waits for a helper that has not started:
-// on a machine whose other cores are busy, a helper's wake-up can take a scheduler tick (4-8 ms,
-// measured), and the caller simply runs every unclaimed task itself. It only waits for tasks that
-// a helper has claimed and is running. Each task writes disjoint outputs, so the result does not
-// depend on which thread ran it or on the thread count.
-struct DynamicTasks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t ntasks = 0;
-  const std::function<void(int64_t)>* body = nullptr;  // valid while the caller waits
-  void work() {
-    for (;;) {
-      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-      if (t >= ntasks) return;
-      (*body)(t);
-      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == ntasks) done.notify_all();
-    }
-  }
-};
-
-void run_dynamic(int64_t ntasks, const std::function<void(int64_t)>& body) {
-  static const bool omp = std::getenv("FD_OMP") != nullptr;
-  if (omp) {
-    at::parallel_for(0, ntasks, 1, [&](int64_t a, int64_t b) { for (int64_t t = a; t < b; ++t) body(t); });
-    return;
-  }
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, ntasks - 1);
-  if (helpers <= 0 || at::in_parallel_region()) {
-    for (int64_t t = 0; t < ntasks; ++t) body(t);
-    return;
-  }
-  auto st = std::make_shared<DynamicTasks>();
-  st->ntasks = ntasks;
-  st->body = &body;
-  for (int64_t h = 0; h < helpers; ++h) at::launch([st] { st->work(); });
-  st->work();
-  // Every task is claimed now; wait for the ones helpers are still running. Spin briefly, then
-  // block: a helper that was preempted in mid-task sits runnable on a busy core, and when this core
-  // goes idle the scheduler's idle balancing pulls it over here at once (a spinning caller would
-  // keep it waiting for the other core's next tick).
-  for (int spins = 0; spins < 2048 && st->done.load(std::memory_order_acquire) < ntasks; ++spins) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
-  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < ntasks;) st->done.wait(d, std::memory_order_acquire);
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
