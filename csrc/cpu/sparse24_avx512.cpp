@@ -375,15 +375,64 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
 
 // M = 1 (GEMV): R weight rows per pass over K. The row sums of the values (for the +128 correction)
 // are accumulated in the same pass; the activations are flipped to u8 once per call, not per chunk.
-// M = 1 (GEMV): one weight row at a time, so values and meta each stream sequentially (2, 4 and 8 rows
-// per pass, with or without prefetch, were all slower on the Xeon dev machine: 14-16 GB/s against 18-19
-// at K = 4096). The row sums of the values (for the +128 correction) are accumulated in the same pass;
-// the activations are flipped to u8 once per call. On Intel, software prefetch 2 KB ahead in the values
-// and 256 B in the meta lifts one core from 10 to 12.8 GB/s (2 threads: 16.4 -> 18.4 GB/s at K = N =
-// 4096, 18.9 -> 22.4 at N = 11008); on AMD the hardware prefetcher did better alone (fp32 path).
+// S rows at once, each its own pair of streams (values, meta), far apart in memory.
+template <int S>
+void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bool prefetch) {
+  constexpr int64_t kAheadValues = 2048, kAheadMeta = 256;
+  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  const int64_t nfull = half / 64;
+  const __m512i ones = _mm512_set1_epi8(1);
+  const uint8_t* mrow[S];
+  const int8_t* vrow[S];
+  __m512i acc[S], ws[S];
+  for (int i = 0; i < S; ++i) {
+    mrow[i] = p.meta + rows[i] * mbytes;
+    vrow[i] = p.values + rows[i] * half;
+    acc[i] = ws[i] = _mm512_setzero_si512();
+  }
+  for (int64_t c = 0; c < nfull; ++c) {
+    const uint8_t* xc = x + 128 * c;
+    const __m512i xa = _mm512_loadu_si512(xc), xb = _mm512_loadu_si512(xc + 64);
+    _Pragma("GCC unroll 4") for (int i = 0; i < S; ++i) {
+      if (prefetch) {
+        _mm_prefetch(reinterpret_cast<const char*>(vrow[i] + 64 * c + kAheadValues), _MM_HINT_T0);
+        if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(mrow[i] + 16 * c + kAheadMeta), _MM_HINT_T0);
+      }
+      const __m512i idx = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow[i] + 16 * c)));
+      const __m512i w = _mm512_loadu_si512(vrow[i] + 64 * c);
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_permutex2var_epi8(xa, idx, xb), w);
+      ws[i] = _mm512_dpbusd_epi32(ws[i], ones, w);
+    }
+  }
+  if (64 * nfull < half) {  // the partial last chunk
+    const int64_t c = nfull, tail_vals = half - 64 * c, tail_bytes = mbytes - 16 * c;
+    const uint8_t* xc = x + 128 * c;
+    const __m512i xa = _mm512_loadu_si512(xc), xb = _mm512_loadu_si512(xc + 64);
+    for (int i = 0; i < S; ++i) {
+      alignas(16) uint8_t mt[16] = {};
+      std::memcpy(mt, mrow[i] + 16 * c, size_t(tail_bytes));
+      const __m512i idx = decode64(_mm_load_si128(reinterpret_cast<const __m128i*>(mt)));
+      const __m512i w = _mm512_maskz_loadu_epi8((__mmask64(1) << tail_vals) - 1, vrow[i] + 64 * c);
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_permutex2var_epi8(xa, idx, xb), w);
+      ws[i] = _mm512_dpbusd_epi32(ws[i], ones, w);
+    }
+  }
+  for (int i = 0; i < S; ++i) {
+    const int64_t n = rows[i];
+    const int32_t dot = _mm512_reduce_add_epi32(acc[i]) - 128 * _mm512_reduce_add_epi32(ws[i]);
+    p.out[n] = float(dot) * (p.x_scales[0] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// M = 1 (GEMV). Two rows at a time from the two halves of the task's range, so each core keeps four
+// sequential streams in flight (values and meta of rows half a task apart) instead of two: on the Xeon
+// dev machine, 2 threads at K = N = 4096 went from 21.8 to 26.9 GB/s (adjacent rows, which share
+// pages, were slower than one row: 14-16 GB/s). Intel also gets software prefetch 2 KB ahead in the
+// values and 256 B in the meta (one core 10 -> 12.8 GB/s); on AMD the hardware prefetcher did better
+// alone (fp32 path). The row sums of the values (for the +128 correction) are accumulated in the same
+// pass; the activations are flipped to u8 once per call.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
-  constexpr int64_t kAheadValues = 2048, kAheadMeta = 256;
   alignas(64) uint8_t stack_x[4096];
   std::vector<uint8_t> heap_x;
   uint8_t* x = stack_x;
@@ -394,37 +443,12 @@ void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (int64_t k = 0; k < p.ldx; k += 64)  // ldx is a multiple of kXPad = 128
     _mm512_storeu_si512(x + k, _mm512_xor_si512(_mm512_loadu_si512(p.xq + k), flip));
-  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
-  const int64_t nfull = half / 64;
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* mrow = p.meta + n * mbytes;
-    const int8_t* vrow = p.values + n * half;
-    __m512i acc = _mm512_setzero_si512(), ws = _mm512_setzero_si512();
-    for (int64_t c = 0; c < nfull; ++c) {
-      if (prefetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(vrow + 64 * c + kAheadValues), _MM_HINT_T0);
-        if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(mrow + 16 * c + kAheadMeta), _MM_HINT_T0);
-      }
-      const __m512i idx = decode64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + 16 * c)));
-      const __m512i w = _mm512_loadu_si512(vrow + 64 * c);
-      const uint8_t* xc = x + 128 * c;
-      acc = _mm512_dpbusd_epi32(acc, _mm512_permutex2var_epi8(_mm512_loadu_si512(xc), idx, _mm512_loadu_si512(xc + 64)), w);
-      ws = _mm512_dpbusd_epi32(ws, ones, w);
-    }
-    if (64 * nfull < half) {  // the partial last chunk
-      const int64_t c = nfull, tail_vals = half - 64 * c, tail_bytes = mbytes - 16 * c;
-      alignas(16) uint8_t mt[16] = {};
-      std::memcpy(mt, mrow + 16 * c, size_t(tail_bytes));
-      const __m512i idx = decode64(_mm_load_si128(reinterpret_cast<const __m128i*>(mt)));
-      const __m512i w = _mm512_maskz_loadu_epi8((__mmask64(1) << tail_vals) - 1, vrow + 64 * c);
-      const uint8_t* xc = x + 128 * c;
-      acc = _mm512_dpbusd_epi32(acc, _mm512_permutex2var_epi8(_mm512_loadu_si512(xc), idx, _mm512_loadu_si512(xc + 64)), w);
-      ws = _mm512_dpbusd_epi32(ws, ones, w);
-    }
-    const int32_t dot = _mm512_reduce_add_epi32(acc) - 128 * _mm512_reduce_add_epi32(ws);
-    p.out[n] = float(dot) * (p.x_scales[0] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+  const int64_t h = (n1 - n0) / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const int64_t rows[2] = {n0 + i, n0 + h + i};
+    gemv_i8_rows<2>(p, x, rows, prefetch);
   }
+  for (int64_t n = n0 + 2 * h; n < n1; ++n) gemv_i8_rows<1>(p, x, &n, prefetch);
 }
 
 }  // namespace
