@@ -227,56 +227,61 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   }
 }
 
-// M = 1 (GEMV): R weight rows per pass over K (R = 1: the values and the meta are each one
-// sequential stream), 2 accumulators per row, all in registers. Software prefetch (512-2048 B
-// ahead) only hurt.
+// M = 1 (GEMV): the R weight rows rows[0..R) in one pass over K, 2 accumulators per row, all in
+// registers. Software prefetch (512-2048 B ahead) only hurt (AMD).
 template <int R, bool BF16>
-void gemv_rows_r(const FloatParams& p, int64_t n0, int64_t n1) {
+void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 16;
   const float* x = p.x;
-  for (int64_t n = n0; n < n1; n += R) {
-    if (n + R > n1) {  // leftover rows one at a time
-      for (; n < n1; ++n) gemv_rows_r<1, BF16>(p, n, n + 1);
-      return;
-    }
-    __m512 acc[R][2];
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 2 <= nfull; c += 2) {
-      _Pragma("GCC unroll 2") for (int u = 0; u < 2; ++u) {
-        const __m512 xa = _mm512_loadu_ps(x + 32 * (c + u)), xb = _mm512_loadu_ps(x + 32 * (c + u) + 16);
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
-          const __m512i idx = decode16(load_u32(p.meta + (n + r) * mbytes + 4 * (c + u)));
-          const __m512 w = load_values<BF16>(p.values, (n + r) * half + 16 * (c + u), 0xFFFF);
-          acc[r][u] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx, xb), w, acc[r][u]);
-        }
+  __m512 acc[R][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= nfull; c += 2) {
+    _Pragma("GCC unroll 2") for (int u = 0; u < 2; ++u) {
+      const __m512 xa = _mm512_loadu_ps(x + 32 * (c + u)), xb = _mm512_loadu_ps(x + 32 * (c + u) + 16);
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+        const __m512i idx = decode16(load_u32(p.meta + rows[r] * mbytes + 4 * (c + u)));
+        const __m512 w = load_values<BF16>(p.values, rows[r] * half + 16 * (c + u), 0xFFFF);
+        acc[r][u] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx, xb), w, acc[r][u]);
       }
     }
-    for (; 16 * c < half; ++c) {  // at most one full chunk and one partial chunk
-      const int64_t tail_vals = std::min<int64_t>(16, half - 16 * c), tail_bytes = std::min<int64_t>(4, mbytes - 4 * c);
-      const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
-      const __m512 xa = _mm512_loadu_ps(x + 32 * c), xb = _mm512_loadu_ps(x + 32 * c + 16);
-      for (int r = 0; r < R; ++r) {
-        uint32_t mw = 0;
-        std::memcpy(&mw, p.meta + (n + r) * mbytes + 4 * c, size_t(tail_bytes));
-        const __m512 w = load_values<BF16>(p.values, (n + r) * half + 16 * c, mask);
-        acc[r][0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, decode16(mw), xb), w, acc[r][0]);
-      }
-    }
-    for (int r = 0; r < R; ++r) p.out[n + r] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
   }
+  for (; 16 * c < half; ++c) {  // at most one full chunk and one partial chunk
+    const int64_t tail_vals = std::min<int64_t>(16, half - 16 * c), tail_bytes = std::min<int64_t>(4, mbytes - 4 * c);
+    const __mmask16 mask = __mmask16((1u << tail_vals) - 1);
+    const __m512 xa = _mm512_loadu_ps(x + 32 * c), xb = _mm512_loadu_ps(x + 32 * c + 16);
+    for (int r = 0; r < R; ++r) {
+      uint32_t mw = 0;
+      std::memcpy(&mw, p.meta + rows[r] * mbytes + 4 * c, size_t(tail_bytes));
+      const __m512 w = load_values<BF16>(p.values, rows[r] * half + 16 * c, mask);
+      acc[r][0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, decode16(mw), xb), w, acc[r][0]);
+    }
+  }
+  for (int r = 0; r < R; ++r) p.out[rows[r]] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-// Rows per pass, measured at M = 1 cold with 2 threads (GB/s of compressed weights): K = 11008:
-// R=1 12.2, R=4 19.5, R=8 20.7; K = 4096: R=1 13.2, R=8 15.4-18.0; K = 768: R=1 17.3, R=8 11.7.
-// Long rows: sharing each activation load among 8 rows wins (x no longer fits in L1 at K = 11008);
-// short rows: one sequential stream wins.
+// Rows [n0, n1) as S segments walked side by side, A adjacent rows of each per pass (R = S * A rows).
+template <int S, int A, bool BF16>
+void gemv_segments(const FloatParams& p, int64_t n0, int64_t n1) {
+  constexpr int R = S * A;
+  const int64_t seg = (n1 - n0) / S / A * A;  // rows per segment, a multiple of A
+  for (int64_t i = 0; i < seg; i += A) {
+    int64_t rows[R];
+    for (int s = 0; s < S; ++s)
+      for (int a = 0; a < A; ++a) rows[s * A + a] = n0 + s * seg + i + a;
+    gemv_rows_r<R, BF16>(p, rows);
+  }
+  for (int64_t n = n0 + S * seg; n < n1; ++n) gemv_rows_r<1, BF16>(p, &n);
+}
+
+// 8 rows per pass, one from each eighth of the task's rows: 16 sequential streams per core, and each
+// activation load serves 8 rows. Measured at M = 1 cold, 2 threads, Xeon (GB/s of compressed weights),
+// against 8 adjacent rows: K = 4096: 24.4 vs 23.9; N = 11008: 26.5 vs 24.9; K = 768: 24.7 vs 19.2 (there
+// 1 row per pass had been best on AMD). Segments of 4 x 1, 2 x 4, 2 x 2 rows were within noise or slower.
 template <bool BF16>
 void gemv_rows(const FloatParams& p, int64_t n0, int64_t n1) {
-  const int64_t row_bytes = (p.K / 2) * (BF16 ? 2 : 4);
-  if (row_bytes >= 4096) gemv_rows_r<8, BF16>(p, n0, n1);
-  else gemv_rows_r<1, BF16>(p, n0, n1);
+  gemv_segments<8, 1, BF16>(p, n0, n1);
 }
 
 template <bool BF16>
@@ -373,9 +378,8 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
   return _mm512_reduce_add_epi32(acc);
 }
 
-// M = 1 (GEMV): R weight rows per pass over K. The row sums of the values (for the +128 correction)
-// are accumulated in the same pass; the activations are flipped to u8 once per call, not per chunk.
-// S rows at once, each its own pair of streams (values, meta), far apart in memory.
+// M = 1 (GEMV), int8: the S rows rows[0..S) in one pass over K, each its own pair of streams (values,
+// meta). The row sums of the values (for the +128 correction) are accumulated in the same pass.
 template <int S>
 void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bool prefetch) {
   constexpr int64_t kAheadValues = 2048, kAheadMeta = 256;
