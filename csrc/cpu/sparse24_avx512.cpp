@@ -228,9 +228,11 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
 }
 
 // M = 1 (GEMV): the R weight rows rows[0..R) in one pass over K, 2 accumulators per row, all in
-// registers. Software prefetch (512-2048 B ahead) only hurt (AMD).
+// registers. Software prefetch only hurt on AMD (512-2048 B ahead); on Intel 1 KB ahead lifts 2 threads
+// from 23.1 to 27.5 GB/s (K = N = 4096).
 template <int R, bool BF16>
 void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
+  static const bool prefetch = __builtin_cpu_is("intel");
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 16;
   const float* x = p.x;
@@ -238,6 +240,14 @@ void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
   _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 2 <= nfull; c += 2) {
+    if (prefetch) {  // 1 KB ahead in the values, 128 B in the meta
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+        const char* v = reinterpret_cast<const char*>(p.values) + (rows[r] * half + 16 * c) * (BF16 ? 2 : 4);
+        _mm_prefetch(v + 1024, _MM_HINT_T0);
+        if (!BF16) _mm_prefetch(v + 1024 + 64, _MM_HINT_T0);
+        if ((c & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(p.meta + rows[r] * mbytes + 4 * c) + 128, _MM_HINT_T0);
+      }
+    }
     _Pragma("GCC unroll 2") for (int u = 0; u < 2; ++u) {
       const __m512 xa = _mm512_loadu_ps(x + 32 * (c + u)), xb = _mm512_loadu_ps(x + 32 * (c + u) + 16);
       _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
