@@ -392,7 +392,7 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
 // meta). The row sums of the values (for the +128 correction) are accumulated in the same pass.
 template <int S>
 void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bool prefetch) {
-  constexpr int64_t kAheadValues = 2048, kAheadMeta = 256;
+  constexpr int64_t kAheadValues = 1024, kAheadMeta = 256;
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 64;
   const __m512i ones = _mm512_set1_epi8(1);
@@ -441,9 +441,9 @@ void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bo
 // M = 1 (GEMV). Two rows at a time from the two halves of the task's range, so each core keeps four
 // sequential streams in flight (values and meta of rows half a task apart) instead of two: on the Xeon
 // dev machine, 2 threads at K = N = 4096 went from 21.8 to 26.9 GB/s (adjacent rows, which share
-// pages, were slower than one row: 14-16 GB/s). Intel also gets software prefetch 2 KB ahead in the
-// values and 256 B in the meta (one core 10 -> 12.8 GB/s); on AMD the hardware prefetcher did better
-// alone (fp32 path). The row sums of the values (for the +128 correction) are accumulated in the same
+// pages, were slower than one row: 14-16 GB/s). Intel also gets software prefetch 1 KB ahead in the
+// values and 256 B in the meta (22 -> 26.5 GB/s with the two rows; 2-4 KB ahead was no better); on AMD
+// the hardware prefetcher did better alone (fp32 path). The row sums of the values (for the +128 correction) are accumulated in the same
 // pass; the activations are flipped to u8 once per call.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
