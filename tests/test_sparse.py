@@ -404,3 +404,34 @@ def test_linear_many_tasks(isa, m, n, k):
     y = ops.sparse24_linear(x, values, meta, bias)
     ref = x.double() @ fd.decompress_2_4(values, meta).double().T + bias.double()
     assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+_FORK_CHILD = r"""
+import os, sys, torch
+import fastdistill as fd
+from fastdistill import ops
+torch.set_num_threads(2)
+w = torch.randn(512, 256)
+values, meta = fd.compress_2_4(w)
+x = torch.randn(1, 256)
+expected = ops.sparse24_linear(x, values, meta, None)  # starts the parent's helper threads
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:  # the child has none of the parent's threads; the runner must start its own or run alone
+        got = ops.sparse24_linear(x, values, meta, None)
+        os._exit(0 if torch.equal(got, expected) else 3)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(4)
+print("ok")
+"""
+
+
+def test_task_runner_survives_fork():
+    """A forked child (a DataLoader worker, say) must run the ops without the parent's helper threads:
+    no deadlock on a mutex a helper held, and the same results."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
