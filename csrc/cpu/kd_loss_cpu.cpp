@@ -74,7 +74,16 @@ void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, fl
   kd_store_stats(lse, stats + r * kNumStats);
 }
 
-// Gradient of rows [r0, r1) into `out` (contiguous [rows, vocab]): g[r * g_stride] is d loss / d row_loss.
+// The backward's per-row constants for d loss / d row_loss = g.
+KdRowGrad row_grad(const KdLossParams& p, int64_t r, const float* stats, float g) {
+  KdRowGrad rg = kd_load_stats(stats + r * kNumStats);
+  rg.soft = g * p.soft_coef * p.inv_temperature;
+  rg.hard = p.has_hard() ? g * p.hard_weight : 0.f;
+  rg.label = p.has_hard() ? p.labels[r] : -1;
+  return rg;
+}
+
+// Gradient of row r, columns [c0, c1), into `out` (contiguous [rows, vocab]); g is d loss / d row_loss.
 // Ignored rows get zeros.
 void backward_row(const KdLossParams& p, const KdKernels& k, int64_t r, int64_t c0, int64_t c1, const float* stats,
                   float g, void* out) {
@@ -83,24 +92,17 @@ void backward_row(const KdLossParams& p, const KdKernels& k, int64_t r, int64_t 
     std::memset(static_cast<char*>(out) + (r * p.vocab + c0) * elem, 0, (c1 - c0) * elem);
     return;
   }
-  KdRowGrad rg = kd_load_stats(stats + r * kNumStats);
-  rg.soft = g * p.soft_coef * p.inv_temperature;
-  rg.hard = p.has_hard() ? g * p.hard_weight : 0.f;
-  rg.label = p.has_hard() ? p.labels[r] : -1;
-  k.backward(p, r, c0, c1, rg, out);
+  k.backward(p, r, c0, c1, row_grad(p, r, stats, g), out);
 }
 
-// backward_row from the exponentials that k.stats_cached left in `cache`.
+// backward_row of a whole row from the exponentials that k.stats_cached left in `cache`.
 void backward_row_cached(const KdLossParams& p, const KdKernels& k, int64_t r, const float* stats, float g,
                          const float* cache, void* out) {
   if (!p.counted(r)) return backward_row(p, k, r, 0, p.vocab, stats, g, out);  // zeros
-  KdRowGrad rg = kd_load_stats(stats + r * kNumStats);
-  rg.soft = g * p.soft_coef * p.inv_temperature;
-  rg.hard = p.has_hard() ? g * p.hard_weight : 0.f;
-  rg.label = p.has_hard() ? p.labels[r] : -1;
-  k.backward_cached(p, r, rg, cache, out);
+  k.backward_cached(p, r, row_grad(p, r, stats, g), cache, out);
 }
 
+// Every row's gradient; g[r * g_stride] is row r's d loss / d row_loss (g_stride 0: one for all).
 void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats, const float* g, int64_t g_stride,
                   void* out) {
   const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
