@@ -271,27 +271,20 @@ void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
   for (int r = 0; r < R; ++r) p.out[rows[r]] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-// Rows [n0, n1) as S segments walked side by side, A adjacent rows of each per pass (R = S * A rows).
-template <int S, int A, bool BF16>
-void gemv_segments(const FloatParams& p, int64_t n0, int64_t n1) {
-  constexpr int R = S * A;
-  const int64_t seg = (n1 - n0) / S / A * A;  // rows per segment, a multiple of A
-  for (int64_t i = 0; i < seg; i += A) {
-    int64_t rows[R];
-    for (int s = 0; s < S; ++s)
-      for (int a = 0; a < A; ++a) rows[s * A + a] = n0 + s * seg + i + a;
-    gemv_rows_r<R, BF16>(p, rows);
-  }
-  for (int64_t n = n0 + S * seg; n < n1; ++n) gemv_rows_r<1, BF16>(p, &n);
-}
-
 // 8 rows per pass, one from each eighth of the task's rows: 16 sequential streams per core, and each
 // activation load serves 8 rows. Measured at M = 1 cold, 2 threads, Xeon (GB/s of compressed weights),
 // against 8 adjacent rows: K = 4096: 24.4 vs 23.9; N = 11008: 26.5 vs 24.9; K = 768: 24.7 vs 19.2 (there
 // 1 row per pass had been best on AMD). Segments of 4 x 1, 2 x 4, 2 x 2 rows were within noise or slower.
 template <bool BF16>
 void gemv_rows(const FloatParams& p, int64_t n0, int64_t n1) {
-  gemv_segments<8, 1, BF16>(p, n0, n1);
+  constexpr int kSegments = 8;
+  const int64_t seg = (n1 - n0) / kSegments;  // rows per segment
+  for (int64_t i = 0; i < seg; ++i) {
+    int64_t rows[kSegments];
+    for (int s = 0; s < kSegments; ++s) rows[s] = n0 + s * seg + i;
+    gemv_rows_r<kSegments, BF16>(p, rows);
+  }
+  for (int64_t n = n0 + kSegments * seg; n < n1; ++n) gemv_rows_r<1, BF16>(p, &n);
 }
 
 template <bool BF16>
