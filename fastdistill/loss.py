@@ -86,7 +86,7 @@ class _FusedKDLoss(torch.autograd.Function):
                                                   ignore_index, soft_coef, hard_weight, reduction)
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
-        ctx.reduction = reduction
+        ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.grad = grad
         return _reduce(row_loss, student, labels, ignore_index, reduction)  # as the two-op path, bit for bit
 
@@ -111,7 +111,7 @@ class _FusedKDLoss(torch.autograd.Function):
         elif ctx.reduction == "sum":
             grad_rows = grad_loss.expand(rows)
         else:
-            grad_rows = (grad_loss / _divisor(student, labels, ctx.params[3], ctx.reduction)).expand(rows)
+            grad_rows = (grad_loss / _divisor(student, labels, ctx.ignore_index, ctx.reduction)).expand(rows)
         grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
                                                       *ctx.params)
         return (grad,) + none

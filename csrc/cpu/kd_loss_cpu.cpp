@@ -47,13 +47,17 @@ int64_t column_chunk(const KdLossParams& p) {
 
 int64_t grain_rows(const KdLossParams& p, int64_t chunk) { return std::max<int64_t>(1, 32768 / chunk); }
 
-void check_labels(const KdLossParams& p) {
-  if (!p.labels) return;
+// Checks the labels and returns the number of counted rows (all rows without labels).
+int64_t check_labels(const KdLossParams& p) {
+  if (!p.labels) return p.rows;
+  int64_t counted = 0;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t l = p.labels[r];
     TORCH_CHECK(l == p.ignore_index || (l >= 0 && l < p.vocab), "fastdistill.kd_loss: labels must be in [0, ",
                 p.vocab, ") or ignore_index (", p.ignore_index, "), got ", l, " at row ", r);
+    counted += l != p.ignore_index;
   }
+  return counted;
 }
 
 // Finishes one row from its merged softmax state (and, for JSD, the second-pass sums).
@@ -219,9 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fused(const at::Tensor& s
   KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                                  soft_coef, hard_weight);
   const KdLossParams& p = args.params;
-  check_labels(p);
-  int64_t counted = p.rows;
-  if (p.labels) counted = std::count_if(p.labels, p.labels + p.rows, [&](int64_t l) { return l != p.ignore_index; });
+  const int64_t counted = check_labels(p);
   // d reduced / d row_loss: the same for every row (ignored rows are zero anyway).
   const float grad_weight = float(kd_reduction_weight(red, p.rows, p.vocab, counted));
   auto f32 = student.options().dtype(at::kFloat);

@@ -11,9 +11,24 @@ constexpr int64_t kBlock = kKdBlock;
 // log-domain quantities are converted back with ln 2 once per row.
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
+// Elements [i, i + kLanes) of p[0, n); lanes past n hold `fill`.
+template <class T>
+inline VecF load_or(const T* p, int64_t i, int64_t n, float fill) {
+  return n - i >= kLanes ? vload(p + i) : vload_tail(p + i, int(n - i), fill);
+}
+
 template <class T>
 inline VecF load_or_neg_inf(const T* p, int64_t i, int64_t n) {
-  return n - i >= kLanes ? vload(p + i) : vload_tail(p + i, int(n - i), kNegInf);
+  return load_or(p, i, n, kNegInf);
+}
+
+// The hard term's -hard at the label column, lane `lane` of gv.
+inline VecF subtract_at_lane(VecF gv, int64_t lane, float v) {
+  alignas(64) float lanes[kLanes];
+  std::memcpy(lanes, &gv, sizeof(lanes));
+  lanes[lane] -= v;
+  std::memcpy(&gv, lanes, sizeof(lanes));
+  return gv;
 }
 
 template <class T>
@@ -145,12 +160,7 @@ void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, co
     }
     if (kHard == 1) gv = vfma(vhard, vexp2(vfma(ds, vlog2e, zero - vlzh)), gv);
     if (kHard == 2) gv = vfma(vhard, q, gv);
-    if (kHard != 0 && label >= c && label < c + kLanes) {
-      alignas(64) float lanes[kLanes];
-      std::memcpy(lanes, &gv, sizeof(lanes));
-      lanes[label - c] -= r.hard;
-      std::memcpy(&gv, lanes, sizeof(lanes));
-    }
+    if (kHard != 0 && label >= c && label < c + kLanes) gv = subtract_at_lane(gv, label - c, r.hard);
     if (stream && n - c >= kLanes) vstream(g + c, gv);
     else store_upto(g, c, n, gv);
   }
@@ -174,15 +184,8 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
     const float fs = refs[2 * b + 1] == kNegInf ? 0.f : wq * std::exp2((refs[2 * b + 1] - r.m_s) * c2 - r.lz_s * kLog2e);
     const VecF vft = vset1(-ft), vfs = vset1(fs);
     for (int64_t c = c0; c < c1; c += kLanes) {
-      const VecF p = n - c >= kLanes ? vload(et + c) : vload_tail(et + c, int(n - c), 0.f);
-      const VecF q = n - c >= kLanes ? vload(es + c) : vload_tail(es + c, int(n - c), 0.f);
-      VecF gv = vfma(q, vfs, p * vft);
-      if (kHardQ && r.label >= c && r.label < c + kLanes) {
-        alignas(64) float lanes[kLanes];
-        std::memcpy(lanes, &gv, sizeof(lanes));
-        lanes[r.label - c] -= r.hard;
-        std::memcpy(&gv, lanes, sizeof(lanes));
-      }
+      VecF gv = vfma(load_or(es, c, n, 0.f), vfs, load_or(et, c, n, 0.f) * vft);
+      if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
       if (stream && n - c >= kLanes) vstream(g + c, gv);
       else store_upto(g, c, n, gv);
     }

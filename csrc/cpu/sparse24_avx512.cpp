@@ -436,8 +436,7 @@ void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bo
 // dev machine, 2 threads at K = N = 4096 went from 21.8 to 26.9 GB/s (adjacent rows, which share
 // pages, were slower than one row: 14-16 GB/s). Intel also gets software prefetch 1 KB ahead in the
 // values and 256 B in the meta (22 -> 26.5 GB/s with the two rows; 2-4 KB ahead was no better); on AMD
-// the hardware prefetcher did better alone (fp32 path). The row sums of the values (for the +128 correction) are accumulated in the same
-// pass; the activations are flipped to u8 once per call.
+// the hardware prefetcher did better alone (fp32 path). The activations are flipped to u8 once per call.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
   alignas(64) uint8_t stack_x[4096];

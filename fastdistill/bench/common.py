@@ -88,10 +88,14 @@ class Rotating:
     def __init__(self, make: Callable[[], tuple], min_bytes: int = COLD_BYTES, max_copies: int = 4096):
         first = make()
         per_copy = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
-        n = max(1, min(max_copies, -(-min_bytes // max(per_copy, 1))))
+        n = self.copies_needed(per_copy, min_bytes, max_copies)
         self.copies = [first] + [make() for _ in range(n - 1)]
         self.bytes_per_copy = per_copy
         self.i = 0
+
+    @staticmethod
+    def copies_needed(bytes_per_copy: int, min_bytes: int, max_copies: int) -> int:
+        return max(1, min(max_copies, -(-min_bytes // max(bytes_per_copy, 1))))
 
     def next(self):
         self.i = (self.i + 1) % len(self.copies)

@@ -26,8 +26,7 @@ class _RotatingObjects(Rotating):
     """Rotating for copies that are not plain tensors (e.g. fbgemm modules): the caller gives the size."""
 
     def __init__(self, make, bytes_per_copy: int, min_bytes: int = COLD_BYTES, max_copies: int = 4096):
-        n = max(1, min(max_copies, -(-min_bytes // max(bytes_per_copy, 1))))
-        self.copies = [make() for _ in range(n)]
+        self.copies = [make() for _ in range(self.copies_needed(bytes_per_copy, min_bytes, max_copies))]
         self.bytes_per_copy = bytes_per_copy
         self.i = 0
 
