@@ -7,10 +7,10 @@ from fastdistill.isa import cpu_isa, set_cpu_isa
 from fastdistill.loss import KDLoss, kd_loss
 from fastdistill.quant import Int8Linear, quantize_, quantize_per_channel, quantize_per_token
 from fastdistill.sparse import (SparseLinear, apply_2_4_masks, compress_2_4, decompress_2_4, from_cutlass_2_4,
-                                prune_2_4, sparsify_, to_cutlass_2_4)
+                                prune_2_4, sparsify_, to_cutlass_2_4, to_semi_structured_2_4)
 
 __version__ = "0.1.0"
 
 __all__ = ["kd_loss", "KDLoss", "cpu_isa", "set_cpu_isa", "Int8Linear", "quantize_", "quantize_per_channel",
            "quantize_per_token", "SparseLinear", "apply_2_4_masks", "compress_2_4", "decompress_2_4",
-           "from_cutlass_2_4", "prune_2_4", "sparsify_", "to_cutlass_2_4"]
+           "from_cutlass_2_4", "prune_2_4", "sparsify_", "to_cutlass_2_4", "to_semi_structured_2_4"]

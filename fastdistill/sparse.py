@@ -18,7 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fastdistill import ops
 
-__all__ = ["prune_2_4", "compress_2_4", "decompress_2_4", "to_cutlass_2_4", "from_cutlass_2_4", "SparseLinear",
+__all__ = ["prune_2_4", "compress_2_4", "decompress_2_4", "to_cutlass_2_4", "from_cutlass_2_4", "to_semi_structured_2_4",
+           "SparseLinear",
            "SparseInt8Linear", "sparsify_", "apply_2_4_masks"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
@@ -139,6 +140,32 @@ def from_cutlass_2_4(sparse: torch.Tensor, meta_reordered: torch.Tensor):
     return compress_2_4(dense, mask=dense != 0)
 
 
+def _semi_structured_shape_ok(n: int, k: int) -> bool:
+    # CUTLASS bf16/fp16 constraints in torch.sparse.semi_structured (cuSPARSELt's are looser)
+    return n >= 32 and n % 32 == 0 and k >= 64 and k % 64 == 0
+
+
+def to_semi_structured_2_4(values: torch.Tensor, meta: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Canonical 2:4 -> a torch.sparse SparseSemiStructuredTensor for F.linear. backend "cutlass" builds it
+    from to_cutlass_2_4 (runs on any device); "cusparselt" compresses the dense weight with cuSPARSELt (CUDA
+    only); "auto" takes cuSPARSELt where torch has it and the weight is on CUDA."""
+    from torch.sparse import semi_structured as ss
+    if backend not in ("auto", "cutlass", "cusparselt"):
+        raise ValueError(f"fastdistill.to_semi_structured_2_4: backend must be 'auto', 'cutlass' or 'cusparselt', "
+                         f"got {backend!r}")
+    k = _check_format(values, meta, "to_semi_structured_2_4")
+    if backend == "auto":
+        backend = "cusparselt" if values.is_cuda and torch.backends.cusparselt.is_available() else "cutlass"
+    with warnings.catch_warnings():  # torch warns once that the subclass is a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        if backend == "cusparselt":
+            return ss.SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress_2_4(values, meta))
+        packed, meta_reordered = to_cutlass_2_4(values, meta)
+        return ss.SparseSemiStructuredTensorCUTLASS(torch.Size((values.shape[0], k)), packed=packed,
+                                                    meta=meta_reordered, packed_t=None, meta_t=None,
+                                                    compressed_swizzled_bitmask=None)
+
+
 # ---------------------------------------------------------------- modules
 def _default_meta(n: int, k: int, device=None) -> torch.Tensor:
     meta = torch.full((n, (k + 7) // 8), 0x44, dtype=torch.uint8, device=device)  # groups keep columns 0, 1
@@ -175,14 +202,36 @@ class SparseLinear(nn.Module):
             mod.bias.copy_(linear.bias.detach())
         return mod
 
-    def _operands(self):
-        if self.values.device.type == "cpu":  # the CPU kernels read the canonical layout
-            return self.values, self.meta
-        return ops.sparse24_pack(self.values, self.meta)
+    # CUDA, more than 16 rows, bf16 values: PyTorch's semi-structured GEMM ("auto": cuSPARSELt when this
+    # torch has it, else CUTLASS fed by to_cutlass_2_4; or name one). The weight in that layout is built on
+    # the first such call and kept (one more compressed copy, not in the state_dict) until values or meta
+    # change. None: decompress + cuBLAS inside the op instead.
+    semi_structured_backend: Optional[str] = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values, meta = self._operands()
-        return ops.sparse24_linear(x, values, meta, self.bias)
+        if self._semi_structured_applies(x):
+            w = self._semi_structured_weight()
+            bias = None if self.bias is None else self.bias.to(w.dtype)
+            y = torch.nn.functional.linear(x.reshape(-1, self.in_features).to(w.dtype), w, bias)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # The kernels of both devices read the canonical layout (sparse24_pack would only copy it).
+        return ops.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def _semi_structured_applies(self, x: torch.Tensor) -> bool:
+        return (self.semi_structured_backend is not None and x.is_cuda and self.values.is_cuda
+                and self.values.dtype == torch.bfloat16 and x.numel() > 16 * self.in_features
+                and _semi_structured_shape_ok(self.out_features, self.in_features)
+                and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and not torch.compiler.is_compiling())
+
+    def _semi_structured_weight(self) -> torch.Tensor:
+        key = (self.values.data_ptr(), self.values._version, self.meta.data_ptr(), self.meta._version,
+               self.semi_structured_backend)
+        cached = self.__dict__.get("_semi_structured_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, to_semi_structured_2_4(self.values, self.meta, self.semi_structured_backend))
+            self.__dict__["_semi_structured_cache"] = cached
+        return cached[1]
 
     def to_dense(self) -> torch.Tensor:
         return decompress_2_4(self.values, self.meta)
@@ -228,11 +277,7 @@ class SparseInt8Linear(nn.Module):
         return cls.from_sparse(SparseLinear.from_dense(linear, mask))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.values.device.type == "cpu":
-            values, meta = self.values, self.meta
-        else:
-            values, meta = ops.sparse24_pack(self.values, self.meta)
-        return ops.sparse24_int8_linear(x, values, meta, self.scales, self.bias)
+        return ops.sparse24_int8_linear(x, self.values, self.meta, self.scales, self.bias)
 
     def to_dense(self) -> torch.Tensor:
         return decompress_2_4(self.values, self.meta).float() * self.scales.unsqueeze(1)

@@ -210,3 +210,26 @@ def test_sparse24_int8_and_opcheck_cuda():
     torch.library.opcheck(ops4.sparse24_int8_linear, (x, values, meta, ws, None))
     f = torch.compile(lambda a: ops4.sparse24_int8_linear(a, values, meta, ws, None), fullgraph=True)
     torch.testing.assert_close(f(x), y)
+
+
+@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
+@pytest.mark.parametrize("shape", [(64,), (3, 40)])
+def test_sparse_linear_semi_structured_cuda(backend, shape):
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        pytest.skip("this torch has no cuSPARSELt")
+    lin = torch.nn.Linear(256, 128).cuda().bfloat16()
+    layer = fastdistill.SparseLinear.from_dense(lin)
+    layer.semi_structured_backend = backend
+    x = torch.randn(*shape, 256, device="cuda", dtype=torch.bfloat16)
+    assert layer._semi_structured_applies(x)
+    y = layer(x)
+    ref = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=5e-2)
+    w = layer._semi_structured_weight()
+    assert layer._semi_structured_weight() is w  # built once, reused
+    layer.values.mul_(2)  # in-place change: the cached layout is rebuilt
+    ref2 = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref2, rtol=2e-2, atol=1e-1)
+    assert layer._semi_structured_weight() is not w
+    layer.semi_structured_backend = None  # the op's own path gives the same product
+    torch.testing.assert_close(layer(x).double(), ref2, rtol=2e-2, atol=1e-1)

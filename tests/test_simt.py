@@ -224,6 +224,18 @@ def test_kd_loss_matches_cpu_op():
         torch.testing.assert_close(grad.float(), grad_c.float(), rtol=1e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("hw", [0.0, 0.5])
+@pytest.mark.parametrize("bad", [50, -5])
+def test_kd_loss_label_out_of_range_is_a_device_assert(div, hw, bad):
+    # The CUDA glue cannot range-check labels without a host sync; the kernel asserts instead.
+    s = torch.randn(3, 50)
+    lab = torch.tensor([1, bad, -100])
+    with pytest.raises(RuntimeError, match="device-side assert: fastdistill.kd_loss: a label is outside"):
+        ops.kd_loss_forward(s, s, lab, 1.0, div, 0.5, -100, 1.0, hw, 32, 1)
+    ops.kd_loss_forward(s, s, torch.tensor([1, 49, -100]), 1.0, div, 0.5, -100, 1.0, hw, 32, 1)  # in range
+
+
 def test_kd_loss_errors():
     s = torch.randn(2, 10)
     with pytest.raises(RuntimeError, match="student and teacher must have the same shape"):

@@ -102,6 +102,28 @@ def test_cutlass_refuses_float32():
         fd.to_cutlass_2_4(values, meta)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_semi_structured_tensor_from_our_conversion(dtype):
+    # The CUDA large-M path of SparseLinear multiplies this tensor; its layout is checked here on CPU.
+    from torch.sparse import semi_structured as ss
+    values, meta = fd.compress_2_4(torch.randn(64, 128).to(dtype))
+    t = fd.to_semi_structured_2_4(values, meta, "cutlass")
+    assert isinstance(t, ss.SparseSemiStructuredTensorCUTLASS) and t.shape == (64, 128) and t.dtype == dtype
+    assert torch.equal(t.to_dense(), fd.decompress_2_4(values, meta))
+    assert type(fd.to_semi_structured_2_4(values, meta)) is ss.SparseSemiStructuredTensorCUTLASS  # auto, on CPU
+    with pytest.raises(ValueError, match="backend must be"):
+        fd.to_semi_structured_2_4(values, meta, "cublas")
+
+
+def test_sparse_linear_semi_structured_only_on_cuda():
+    from fastdistill.sparse import _semi_structured_shape_ok
+    layer = fd.SparseLinear.from_dense(nn.Linear(128, 64).bfloat16())
+    assert not layer._semi_structured_applies(torch.randn(64, 128, dtype=torch.bfloat16))  # CPU tensors
+    assert "_semi_structured_cache" not in layer.__dict__
+    assert _semi_structured_shape_ok(64, 128) and not _semi_structured_shape_ok(48, 128)
+    assert not _semi_structured_shape_ok(64, 96) and not _semi_structured_shape_ok(0, 0)
+
+
 # ---------------------------------------------------------------- kernels
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

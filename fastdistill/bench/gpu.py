@@ -105,9 +105,13 @@ def _sparse_cases(quick: bool, device: str) -> List[Case]:
         ours = Rotating(lambda: ops.sparse24_pack(values, meta))
         cublas = Rotating(lambda: (dense.clone(),))
         semi: Optional[Rotating] = None
+        ours_large: Optional[Rotating] = None  # what SparseLinear runs for M > 16
         try:
             from torch.sparse import to_sparse_semi_structured
+
+            from fastdistill.sparse import to_semi_structured_2_4
             semi = Rotating(lambda: (to_sparse_semi_structured(dense.clone()),))
+            ours_large = Rotating(lambda: (to_semi_structured_2_4(values, meta),))
         except Exception as exc:  # no CUTLASS / cuSPARSELt kernels for this GPU or build
             semi_error = str(exc)
         for m in ([1] if quick else [1, 4, 16, 128]):
@@ -118,7 +122,8 @@ def _sparse_cases(quick: bool, device: str) -> List[Case]:
             out.append(Case(
                 family="sparse", op=_with_target("sparse24_linear", "sparse", m == 1), shape=f"M={m} K={k} N={n}",
                 dtype="bf16",
-                run=lambda x=x: ops.sparse24_linear(x, *ours.next(), None), baselines=base,
+                run=(lambda x=x: F.linear(x, *ours_large.next())) if m > 16 and ours_large is not None
+                else (lambda x=x: ops.sparse24_linear(x, *ours.next(), None)), baselines=base,
                 bytes=n * k + n * k // 8 + 2 * m * (k + n), flops=2 * m * n * k, cold=m <= 16,
                 note=(("target " + TARGETS["sparse"][1]) if m == 1 else "")
                 + ("" if semi is not None else f" (to_sparse_semi_structured unavailable: {semi_error})"),

@@ -162,13 +162,16 @@ FD_DEVICE KdPartial block_merge(KdPartial x, float inv_t, bool teacher_primary) 
 // The row loss from the divergence and the statistics (the CPU's finish_row).
 template <class Ts>
 FD_DEVICE float kd_row_loss(const KdLossParams& p, int64_t row, float D, const KdRowGrad& lse) {
+  if (p.labels != nullptr) {  // the host checks CPU labels; on the GPU that would need a sync
+    const int64_t label = p.labels[row];
+    FD_KERNEL_ASSERT(label == p.ignore_index || (label >= 0 && label < p.vocab),
+                     "fastdistill.kd_loss: a label is outside [0, V) and is not ignore_index");
+  }
   if (!p.counted(row)) return 0.f;
   float loss = p.soft_coef != 0.f ? p.soft_coef * D : 0.f;
   if (p.has_hard()) {
-    const int64_t label = p.labels[row];
     const Ts* s = static_cast<const Ts*>(p.student) + p.student_rows.offset(row);
-    // labels are not range-checked on the device (that needs a host sync): out of range gives NaN
-    loss += label >= 0 && label < p.vocab ? p.hard_weight * ((lse.m_s - to_float(s[label])) + lse.lz_h) : NAN;
+    loss += p.hard_weight * ((lse.m_s - to_float(s[p.labels[row]])) + lse.lz_h);
   }
   return loss;
 }

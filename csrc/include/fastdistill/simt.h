@@ -35,6 +35,13 @@
 
 #define FD_DEVICE __device__ __forceinline__
 #define FD_KERNEL __global__
+// Checks an input that the host cannot see without a sync (labels). On a GPU it is the CUDA assert, not
+// compiled out by NDEBUG: the kernel stops and the next CUDA call raises "device-side assert triggered",
+// as F.cross_entropy does for a bad target. The emulator turns it into a launch error.
+#define FD_KERNEL_ASSERT(cond, msg) \
+  do {                              \
+    if (!(cond)) __assert_fail(msg, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+  } while (0)
 #define FD_SHARED(T, name, n) __shared__ T name[n]
 #define FD_DYNAMIC_SMEM(T, name)                                   \
   extern __shared__ __align__(16) unsigned char fd_dynamic_smem_[]; \
@@ -88,6 +95,10 @@ __device__ __forceinline__ void store_raw(void* p, typename RawOf<N>::type v) {
 
 #define FD_DEVICE inline
 #define FD_KERNEL inline
+#define FD_KERNEL_ASSERT(cond, msg) \
+  do {                              \
+    if (!(cond)) ::fastdistill::simt::detail::fail(std::string("device-side assert: ") + (msg)); \
+  } while (0)
 #define __device__
 #define __host__
 #define __global__
