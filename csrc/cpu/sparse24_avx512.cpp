@@ -172,27 +172,98 @@ inline float value_at(const void* values, int64_t i) {
   }
 }
 
+// Row i's values and meta are addressed as base + i * stride from two bases (rows 0-2 and 3-5), and
+// groups go in pairs (one meta byte per row): with 12 separate row pointers GCC parked GPRs in vector
+// registers, and those vmovq moves took FMA ports (~8% of the tile).
 template <int NB, bool BF16>
 void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64_t g1, float* scratch) {
-  const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
+  constexpr int64_t kRowBytes = kXtRows * 4, kEsize = BF16 ? 2 : 4;
+  const int64_t vstride = p.K / 2 * kEsize, mstride = (p.K + 7) / 8;
   __m512 acc[NB][4];
   _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
-  for (int64_t g = g0; g < g1; ++g) {
-    _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i) {
-      const uint32_t code = (p.meta[(n + i) * mbytes + (g >> 1)] >> ((g & 1) * 4)) & 15u;
-      const float* r0 = xt + (4 * g + (code & 3)) * kXtRows;
-      const float* r1 = xt + (4 * g + (code >> 2)) * kXtRows;
-      const __m512 w0 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g));
-      const __m512 w1 = _mm512_set1_ps(value_at<BF16>(p.values, (n + i) * half + 2 * g + 1));
-      _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {
-        acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
-        acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
-      }
+  const char* vbase[2] = {static_cast<const char*>(p.values) + n * vstride + 2 * g0 * kEsize, nullptr};
+  const uint8_t* mbase[2] = {p.meta + n * mstride + g0 / 2, nullptr};  // g0 is even
+  vbase[1] = vbase[0] + 3 * vstride;
+  mbase[1] = mbase[0] + 3 * mstride;
+  const char* xg = reinterpret_cast<const char*>(xt + 4 * g0 * kXtRows);
+  // acc[i] += the group's two kept values (code: its nibble, vals: its value pair) times their xt rows.
+  auto group = [&](int i, uint32_t code, const char* xb, const char* vals) {
+    const float* r0 = reinterpret_cast<const float*>(xb + (code & 3) * kRowBytes);
+    const float* r1 = reinterpret_cast<const float*>(xb + (code >> 2 & 3) * kRowBytes);
+    // Materialise the row pointers: a base + index memory operand would un-laminate each FMA.
+    asm("" : "+r"(r0), "+r"(r1));
+    const __m512 w0 = _mm512_set1_ps(value_at<BF16>(vals, 0)), w1 = _mm512_set1_ps(value_at<BF16>(vals, 1));
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {
+      acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
+      acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
     }
+  };
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i) {
+      const char* vals = vbase[i / 3] + (i % 3) * vstride;
+      const uint32_t byte = mbase[i / 3][(i % 3) * mstride];
+      group(i, byte & 15u, xg, vals);
+      group(i, byte >> 4, xg + 4 * kRowBytes, vals + 2 * kEsize);
+    }
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) vbase[h] += 4 * kEsize, mbase[h] += 1;
+    xg += 8 * kRowBytes;
+  }
+  if (g < g1) {  // an odd last group: the low nibble
+    _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
+      group(i, mbase[i / 3][(i % 3) * mstride] & 15u, xg, vbase[i / 3] + (i % 3) * vstride);
   }
   _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
+}
+
+// In-register 16x16 transpose: r[i] lane j <- r[j] lane i (unpack pairs, then 128-bit lane shuffles).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// out[r][j] += scratch[j * kXtRows + r] for r < mrows, j < ncols, 16 x 16 blocks at a time (a scalar loop
+// with a 256-byte stride took ~10% of a K = 768 call).
+void add_transposed(const float* scratch, int64_t ncols, int64_t mrows, float* out, int64_t ldo) {
+  int64_t j = 0;
+  for (; j + 16 <= ncols; j += 16) {
+    for (int64_t r0 = 0; r0 < mrows; r0 += 16) {
+      __m512 t[16];
+      for (int q = 0; q < 16; ++q) t[q] = _mm512_loadu_ps(scratch + (j + q) * kXtRows + r0);
+      transpose16(t);
+      for (int q = 0; q < 16 && r0 + q < mrows; ++q) {
+        float* o = out + (r0 + q) * ldo + j;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), t[q]));
+      }
+    }
+  }
+  for (; j < ncols; ++j)
+    for (int64_t r = 0; r < mrows; ++r) out[r * ldo + j] += scratch[j * kXtRows + r];
 }
 
 template <bool BF16>
@@ -218,12 +289,8 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
         }
       }
     }
-    const int64_t m1 = std::min(p.M, (mb + 1) * kXtRows);
-    for (int64_t m = mb * kXtRows; m < m1; ++m) {
-      float* o = p.out + m * p.ldo;
-      const int64_t r = m - mb * kXtRows;
-      for (int64_t n = n0; n < n1; ++n) o[n] += scratch[size_t((n - n0) * kXtRows + r)];
-    }
+    add_transposed(scratch.data(), rows, std::min(kXtRows, p.M - mb * kXtRows), p.out + mb * kXtRows * p.ldo + n0,
+                   p.ldo);
   }
 }
 
@@ -483,6 +550,19 @@ void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
           default: micro_i8_m<1>(p, n, m, mb, wsum); break;
         }
       }
+    }
+  }
+}
+
+// The scalar version of this transpose (strided stores) took ~11% of a large-M call.
+void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* dst) {
+  for (int64_t r0 = 0; r0 < kXtRows; r0 += 16) {
+    for (int64_t k = k0; k < k1; k += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = r0 + j < rows ? _mm512_loadu_ps(x + (r0 + j) * ldx + k) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (k + j) * kXtRows + r0, r[j]);
     }
   }
 }

@@ -116,16 +116,8 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
       const int64_t nkb = (ldx + kcb - 1) / kcb;
       run_dynamic(nmb * nkb, [&](int64_t t) {
         const int64_t mb = t / nkb, k0 = (t % nkb) * kcb, k1 = std::min(ldx, k0 + kcb);
-        float* dst = xtp + mb * ldx * kXtRows;
-        for (int64_t r = 0; r < kXtRows; ++r) {
-          const int64_t m = mb * kXtRows + r;
-          if (m < M) {
-            const float* src = xp + m * ldx;
-            for (int64_t k = k0; k < k1; ++k) dst[k * kXtRows + r] = src[k];
-          } else {
-            for (int64_t k = k0; k < k1; ++k) dst[k * kXtRows + r] = 0.f;
-          }
-        }
+        sparse24::avx512::transpose_to_xt(xp + mb * kXtRows * ldx, ldx, std::min(kXtRows, M - mb * kXtRows), k0, k1,
+                                          xtp + mb * ldx * kXtRows);
       });
       p.xt = xtp;
     }

@@ -54,4 +54,10 @@ FD_SPARSE24_DECLARE(avx2)
 FD_SPARSE24_DECLARE(avx512)
 #undef FD_SPARSE24_DECLARE
 
+namespace avx512 {
+// One block of p.xt: dst[k * kXtRows + r] = x[r * ldx + k] for r < rows (zero for rows <= r < kXtRows),
+// k in [k0, k1); k0 and k1 are multiples of 16.
+void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* dst);
+}  // namespace avx512
+
 }  // namespace fastdistill::cpu::sparse24
