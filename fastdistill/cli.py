@@ -28,6 +28,8 @@ def info(_args=None) -> None:
         avail = torch.cuda.is_available()
         print(f"cuda: built for {', '.join(c.cuda_archs())} with torch CUDA {torch.version.cuda}; "
               f"device available: {avail}{' (' + torch.cuda.get_device_name() + ')' if avail else ''}")
+        backend = "cuSPARSELt" if torch.backends.cusparselt.is_available() else "CUTLASS"
+        print(f"cuda: SparseLinear above 16 rows (bf16) uses torch's semi-structured GEMM via {backend}")
     else:
         print("cuda: not built (FASTDISTILL_CUDA=0, CPU-only torch, or nvcc not found)")
     print("registered ops:")
