@@ -257,10 +257,11 @@ def test_fused_training_path_equals_two_op_path(dtype, divergence, reduction, va
             torch.testing.assert_close(x.grad, ref_grad, **tol)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_exp_cache_path_every_isa(isa, divergence):
-    """The forward KL training path's cached exponentials: several blocks of 2048 columns, tails,
-    masked blocks (a block that is all -inf while the running max is still -inf), T = 1 hard labels."""
+    """The training paths' caches (forward KL: the statistics pass's exponentials; JSD: the second
+    pass's q and log-ratio): several blocks of 2048 columns, tails, masked blocks (a block that is all
+    -inf while the running max is still -inf), T = 1 hard labels."""
     for shape in [(3, 7), (4, 5000), (2, 6145)]:
         for dtype in DTYPES:
             s, t = logits(shape, dtype, seed=3), logits(shape, dtype, seed=4)

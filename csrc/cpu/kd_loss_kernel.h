@@ -115,10 +115,12 @@ struct Log2Softmax {
         lz_s(vset1(r.lz_s * kLog2e)) {}
 };
 
-// JSD second pass: sums of p (log p - log M) and q (log q - log M) over a column range.
+// JSD second pass: sums of p (log p - log M) and q (log q - log M) over a column range. With `cache`
+// (fused training path) it also keeps what the gradient needs: cache[0, n) = q, cache[n, 2n) = log2 q -
+// log2 M, the same floats backward_range would compute, so the cached gradient is bit-identical.
 template <class TS, class TT>
 void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad& r, float beta,
-               float* sum_p, float* sum_q) {
+               float* sum_p, float* sum_q, float* cache = nullptr) {
   const Log2Softmax ls(r, inv_t);
   const VecF zero = vset1(0.f), lbeta = vset1(std::log2(beta)), l1mb = vset1(std::log2(1.f - beta));
   VecF sp = zero, sq = zero;
@@ -126,6 +128,10 @@ void jsd_range(const TS* s, const TT* t, int64_t n, float inv_t, const KdRowGrad
     const VecF la = vfma(load_or_neg_inf(t, c, n) - ls.m_t, ls.inv2, zero - ls.lz_t);
     const VecF lb = vfma(load_or_neg_inf(s, c, n) - ls.m_s, ls.inv2, zero - ls.lz_s);
     const VecF p = vexp2(la), q = vexp2(lb), lm = jsd_log2_m(la, lb, lbeta, l1mb);
+    if (cache) {
+      store_upto(cache, c, n, q);
+      store_upto(cache + n, c, n, lb - lm);
+    }
     sp = vfma_if(vgt(p, zero), p, la - lm, sp);
     sq = vfma_if(vgt(q, zero), q, lb - lm, sq);
   }
@@ -193,6 +199,23 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
   if (stream) vstream_fence();
 }
 
+// JSD gradient of a whole row from jsd_range's cache (q and log2 q - log2 M): no exp, no log, no logits
+// re-read. Same expression as backward_range<2, kHardQ ? 2 : 0>.
+template <bool kHardQ, class TS>
+void backward_jsd_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float beta, bool stream) {
+  const VecF zero = vset1(0.f), vsoft = vset1(r.soft * (1.f - beta) * kLn2), vaux = vset1(r.aux * kLog2e);
+  const VecF vhard = vset1(r.hard);
+  for (int64_t c = 0; c < n; c += kLanes) {
+    const VecF q = load_or(cache, c, n, 0.f), d = load_or(cache + n, c, n, 0.f);
+    VecF gv = vsoft * vselect(vgt(q, zero), q * (d - vaux), zero);
+    if (kHardQ) gv = vfma(vhard, q, gv);
+    if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
+    if (stream && n - c >= kLanes) vstream(g + c, gv);
+    else store_upto(g, c, n, gv);
+  }
+  if (stream) vstream_fence();
+}
+
 // ---- entry points: runtime dtype / mode switch onto the templates above ----
 
 template <class F>
@@ -226,14 +249,14 @@ KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c
 }
 
 void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& lse, float* sum_p,
-                float* sum_q) {
+                float* sum_q, float* cache) {
   with_dtype(p.student_dtype, [&](auto s_tag) {
     return with_dtype(p.teacher_dtype, [&](auto t_tag) {
       using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
       using TT = std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>;
       jsd_range(static_cast<const TS*>(p.student) + p.student_rows.offset(row) + c0,
                 static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row) + c0, c1 - c0,
-                p.inv_temperature, lse, p.beta, sum_p, sum_q);
+                p.inv_temperature, lse, p.beta, sum_p, sum_q, cache);
       return 0;
     });
   });
@@ -296,3 +319,13 @@ void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad&
   });
 }
 
+void kd_row_backward_jsd_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache,
+                                void* grad) {
+  with_dtype(p.student_dtype, [&](auto s_tag) {
+    using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
+    TS* g = static_cast<TS*>(grad) + row * p.vocab;
+    if (p.has_hard()) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream_gradient(p, g));
+    else backward_jsd_cached_range<false>(cache, g, p.vocab, r, p.beta, stream_gradient(p, g));
+    return 0;
+  });
+}
