@@ -62,6 +62,18 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
                     log_target=True, reduction="batchmean") * temperature * temperature
 
 
+def kd_jsd_eager(student, teacher, temperature=1.0, beta=0.5):
+    """Generalised JSD as a user writes it (Liger-style): M = beta p + (1 - beta) q in log space,
+    beta KL(p || M) + (1 - beta) KL(q || M), batchmean, T^2 scaled."""
+    lp = F.log_softmax(teacher / temperature, dim=-1)
+    lq = F.log_softmax(student / temperature, dim=-1)
+    lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+    rows = student.numel() // student.shape[-1]
+    kl_p = F.kl_div(lm, lp, log_target=True, reduction="sum")
+    kl_q = F.kl_div(lm, lq, log_target=True, reduction="sum")
+    return (beta * kl_p + (1 - beta) * kl_q) / rows * temperature * temperature
+
+
 # ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
 def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=None):
     """y = x @ W^T (+ bias) with W = decompress_2_4(values, meta) (times w_scales per row for int8

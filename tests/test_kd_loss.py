@@ -91,6 +91,15 @@ def test_forward_kl_equals_f_kl_div(reduction):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_jsd_baseline_matches_the_reference():
+    """The benchmark's eager JSD baseline computes the same loss as the fp64 reference."""
+    from fastdistill.reference import kd_jsd_eager
+    s, t = logits((6, 333), torch.float64), logits((6, 333), torch.float64, seed=1)
+    for beta in (0.3, 0.5):
+        ref = kd_loss_reference(s, t, temperature=2.0, divergence="jsd", beta=beta)
+        torch.testing.assert_close(kd_jsd_eager(s, t, 2.0, beta), ref, rtol=1e-10, atol=1e-12)
+
+
 def test_jsd_beta_endpoints_are_exactly_kl():
     s, t = logits((6, 300), torch.float32), logits((6, 300), torch.float32, seed=3)
     for beta, same in [(0.0, "forward_kl"), (1.0, "reverse_kl")]:
