@@ -62,6 +62,12 @@ def kd_loss_eager(student, teacher, temperature=1.0, labels=None):
                     log_target=True, reduction="batchmean") * temperature * temperature
 
 
+def kd_reverse_kl_eager(student, teacher, temperature=1.0):
+    """Reverse KL(q || p) as a user writes it: F.kl_div with the roles swapped, batchmean, T^2 scaled."""
+    return F.kl_div(F.log_softmax(teacher / temperature, dim=-1), F.log_softmax(student / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature * temperature
+
+
 def kd_jsd_eager(student, teacher, temperature=1.0, beta=0.5):
     """Generalised JSD as a user writes it (Liger-style): M = beta p + (1 - beta) q in log space,
     beta KL(p || M) + (1 - beta) KL(q || M), batchmean, T^2 scaled."""

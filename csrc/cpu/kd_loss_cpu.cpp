@@ -132,9 +132,9 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
   const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
   const int64_t chunk = column_chunk(p);
   if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
-    // Forward KL gradients come from the statistics pass's cached exponentials, JSD gradients from its
-    // second pass's q and log-ratio (no exp or log, no logits re-read).
-    const bool cached = grad && p.divergence == Divergence::forward_kl && !p.separate_hard_lse();
+    // KL gradients come from the statistics pass's cache (exponentials; for reverse KL also the log
+    // ratios), JSD gradients from its second pass's q and log-ratio: no exp or log, no logits re-read.
+    const bool cached = grad && !jsd && !p.separate_hard_lse();
     const bool cached_jsd = grad && jsd && !p.separate_hard_lse();
     at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
       std::vector<float> cache(cached || cached_jsd ? size_t(kd_cache_floats(p.vocab)) : 0);

@@ -38,9 +38,9 @@ inline void store_upto(T* p, int64_t i, int64_t n, VecF x) {
 }
 
 // kW: 0 = no weighted sum (JSD first pass), 1 = teacher primary (forward KL), 2 = student primary.
-// With `cache` (fused training path, whole rows): the exponentials are kept for the gradient pass,
-// cache[0, n) = 2^ua (teacher), cache[n, 2n) = 2^ub (student), and per block the reference maxima they
-// are relative to, cache[2n + 2b] (teacher) and cache[2n + 2b + 1] (student).
+// With `cache` (fused training path, whole rows) what the gradient pass needs is kept: cache[0, n) =
+// 2^ua (teacher; reverse KL: ub - ua instead), cache[n, 2n) = 2^ub (student), and per block the reference
+// maxima they are relative to, cache[2n + 2b] (teacher) and cache[2n + 2b + 1] (student).
 template <int kW, bool kHard, class TS, class TT>
 KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* cache = nullptr) {
   const float inv_t2 = inv_t * kLog2e;
@@ -80,7 +80,7 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
       const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv2, ub = ds * vinv2;  // log2 units
       const VecF ea = vexp2(ua), eb = vexp2(ub);
       if (cache) {
-        store_upto(cache, c, c1, ea);
+        store_upto(cache, c, c1, kW == 2 ? ub - ua : ea);
         store_upto(cache + n, c, c1, eb);
       }
       zt = zt + ea;
@@ -199,6 +199,36 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
   if (stream) vstream_fence();
 }
 
+// Reverse KL gradient of a whole row from the statistics pass's cache (ub - ua and 2^ub per column): per
+// block q = 2^ub times one scalar and lb - la = (ub - ua) plus one scalar, so no exp and no logits re-read.
+template <bool kHardQ, class TS>
+void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream) {
+  const float* d = cache;
+  const float* es = cache + n;
+  const float* refs = cache + 2 * n;
+  const float c2 = inv_t * kLog2e;
+  const VecF zero = vset1(0.f), vsoft = vset1(r.soft * kLn2), vhard = vset1(r.hard);
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int64_t c1 = std::min(n, c0 + kBlock), b = c0 / kBlock;
+    const float rt = refs[2 * b], rs = refs[2 * b + 1];
+    // A -inf reference means the block was cached against 0 and holds only -inf logits: q = 0 for the
+    // student; for the teacher ub - ua is +inf, which any finite offset keeps.
+    const float fs = rs == kNegInf ? 0.f : std::exp2((rs - r.m_s) * c2 - r.lz_s * kLog2e);
+    const float kt = rt == kNegInf ? 0.f : (rt - r.m_t) * c2 - r.lz_t * kLog2e;
+    const float ks = rs == kNegInf ? 0.f : (rs - r.m_s) * c2 - r.lz_s * kLog2e;
+    const VecF vfs = vset1(fs), vk = vset1(ks - kt - r.aux * kLog2e);
+    for (int64_t c = c0; c < c1; c += kLanes) {
+      const VecF q = load_or(es, c, n, 0.f) * vfs;
+      VecF gv = vsoft * vselect(vgt(q, zero), q * (load_or(d, c, n, 0.f) + vk), zero);
+      if (kHardQ) gv = vfma(vhard, q, gv);
+      if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
+      if (stream && n - c >= kLanes) vstream(g + c, gv);
+      else store_upto(g, c, n, gv);
+    }
+  }
+  if (stream) vstream_fence();
+}
+
 // JSD gradient of a whole row from jsd_range's cache (q and log2 q - log2 M): no exp, no log, no logits
 // re-read. Same expression as backward_range<2, kHardQ ? 2 : 0>.
 template <bool kHardQ, class TS>
@@ -302,14 +332,15 @@ KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache) 
     return with_dtype(p.teacher_dtype, [&](auto t_tag) {
       using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
       using TT = std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>;
-      return stats_range<1, false>(static_cast<const TS*>(p.student) + p.student_rows.offset(row),
-                                   static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row), p.vocab,
-                                   p.inv_temperature, cache);
+      const TS* s = static_cast<const TS*>(p.student) + p.student_rows.offset(row);
+      const TT* t = static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row);
+      return p.divergence == Divergence::reverse_kl ? stats_range<2, false>(s, t, p.vocab, p.inv_temperature, cache)
+                                                    : stats_range<1, false>(s, t, p.vocab, p.inv_temperature, cache);
     });
   });
 }
 
-// The gradient of a whole row from a training-path cache: forward KL (kJsd false) or JSD.
+// The gradient of a whole row from a training-path cache: forward or reverse KL (kJsd false) or JSD.
 template <bool kJsd>
 void row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, void* grad) {
   with_dtype(p.student_dtype, [&](auto s_tag) {
@@ -319,6 +350,9 @@ void row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r,
     if constexpr (kJsd) {
       if (hard) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream);
       else backward_jsd_cached_range<false>(cache, g, p.vocab, r, p.beta, stream);
+    } else if (p.divergence == Divergence::reverse_kl) {
+      if (hard) backward_rkl_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
+      else backward_rkl_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
     } else {
       if (hard) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
       else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);

@@ -17,7 +17,7 @@ inline int64_t kd_cache_floats(int64_t vocab) { return 2 * vocab + 2 * ((vocab +
                   float* sum_p, float* sum_q, float* cache);                                              \
   void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& r,    \
                        void* grad);                                                                       \
-  /* Fused training path, forward KL without a separate hard softmax: whole rows, exps cached. */         \
+  /* Fused training path, forward / reverse KL without a separate hard softmax: whole rows, cached. */    \
   KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache);                        \
   void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, \
                               void* grad);                                                                \

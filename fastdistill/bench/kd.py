@@ -1,6 +1,6 @@
 """Benchmark cases for the fused distillation loss: fastdistill vs eager PyTorch and torch.compile
-of the same formula (forward KL, batchmean, T = 2), forward alone and forward + backward; plus JSD
-(beta = 0.5) forward + backward on the first shape."""
+of the same formula (forward KL, batchmean, T = 2), forward alone and forward + backward; plus
+reverse KL and JSD (beta = 0.5) forward + backward on the first shape."""
 import subprocess
 import sys
 
@@ -8,7 +8,7 @@ import torch
 
 from fastdistill.bench.common import Case
 from fastdistill.loss import kd_loss
-from fastdistill.reference import kd_jsd_eager, kd_loss_eager
+from fastdistill.reference import kd_jsd_eager, kd_loss_eager, kd_reverse_kl_eager
 
 FULL_SHAPES = [(4096, 32000), (1024, 128256), (8192, 1000)]
 QUICK_SHAPES = [(512, 32000), (64, 128256), (1024, 1000)]
@@ -31,12 +31,13 @@ def _compiled_eager(formula=kd_loss_eager):
     return lambda s, t: compiled(s, t, TEMPERATURE)
 
 
-def _fused_jsd(s, t):
-    return kd_loss(s, t, temperature=TEMPERATURE, divergence="jsd", beta=0.5)
-
-
-def _eager_jsd(s, t):
-    return kd_jsd_eager(s, t, TEMPERATURE, 0.5)
+# The other divergences, forward + backward on the first shape: (op, note, fastdistill, eager formula).
+OTHER_DIVERGENCES = [
+    ("kd_loss reverse_kl fwd+bwd", "reverse KL, T=2, batchmean",
+     lambda s, t: kd_loss(s, t, temperature=TEMPERATURE, divergence="reverse_kl"), kd_reverse_kl_eager),
+    ("kd_loss jsd fwd+bwd", "JSD beta=0.5, T=2, batchmean",
+     lambda s, t: kd_loss(s, t, temperature=TEMPERATURE, divergence="jsd", beta=0.5), kd_jsd_eager),
+]
 
 
 def _forward(fn, s, t):
@@ -71,20 +72,21 @@ def cases(quick: bool = False, device: str = "cpu"):
                     family="kd", op=op, shape=shape, dtype=name, run=wrap(_fused, s, t),
                     baselines={"eager": wrap(_eager, s, t), "torch.compile": wrap(_compiled_eager(), s, t)},
                     bytes=nbytes, note="forward KL, T=2, batchmean"))
-            if (rows, vocab) == (QUICK_SHAPES if quick else FULL_SHAPES)[0]:
+            first_shape = (rows, vocab) == (QUICK_SHAPES if quick else FULL_SHAPES)[0]
+            for op, note, ours, formula in OTHER_DIVERGENCES if first_shape else []:
+                eager = lambda s, t, formula=formula: formula(s, t, TEMPERATURE)  # noqa: E731
                 out.append(Case(
-                    family="kd", op="kd_loss jsd fwd+bwd", shape=shape, dtype=name,
-                    run=_forward_backward(_fused_jsd, s, t),
-                    baselines={"eager": _forward_backward(_eager_jsd, s, t),
-                               "torch.compile": _forward_backward(_compiled_eager(kd_jsd_eager), s, t)},
-                    bytes=3 * logits_bytes, note="JSD beta=0.5, T=2, batchmean"))
+                    family="kd", op=op, shape=shape, dtype=name, run=_forward_backward(ours, s, t),
+                    baselines={"eager": _forward_backward(eager, s, t),
+                               "torch.compile": _forward_backward(_compiled_eager(formula), s, t)},
+                    bytes=3 * logits_bytes, note=note))
     return out
 
 
 _PEAK_SCRIPT = r"""
 import sys, torch
 import fastdistill
-from fastdistill.reference import kd_jsd_eager, kd_loss_eager
+from fastdistill.reference import kd_loss_eager
 rows, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
 if which == "fastdistill":
     fn = lambda s, t: fastdistill.kd_loss(s, t, temperature=2.0)
