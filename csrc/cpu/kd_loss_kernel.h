@@ -173,6 +173,15 @@ void backward_range(const TS* s, const TT* t, TS* g, int64_t n, int64_t col0, co
   if (stream) vstream_fence();
 }
 
+// Lanes [c, c + kLanes) of a whole row's gradient: the hard term's -hard at the label column, then the
+// store (streamed past the cache, or plain at the row's tail).
+template <bool kHard, class TS>
+inline void put_gradient(TS* g, int64_t c, int64_t n, VecF gv, const KdRowGrad& r, bool stream) {
+  if (kHard && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
+  if (stream && n - c >= kLanes) vstream(g + c, gv);
+  else store_upto(g, c, n, gv);
+}
+
 // Forward KL gradient of a whole row from the exponentials its statistics pass cached: per block, p and q
 // are the cached 2^u times one scalar, so this pass does no exp and reads no logits. kHardQ: the hard
 // term's softmax is q (T == 1), folded into q's factor. Rows that are entirely -inf do not come here.
@@ -191,9 +200,7 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
     const VecF vft = vset1(-ft), vfs = vset1(fs);
     for (int64_t c = c0; c < c1; c += kLanes) {
       VecF gv = vfma(load_or(es, c, n, 0.f), vfs, load_or(et, c, n, 0.f) * vft);
-      if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
-      if (stream && n - c >= kLanes) vstream(g + c, gv);
-      else store_upto(g, c, n, gv);
+      put_gradient<kHardQ>(g, c, n, gv, r, stream);
     }
   }
   if (stream) vstream_fence();
@@ -221,9 +228,7 @@ void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRow
       const VecF q = load_or(es, c, n, 0.f) * vfs;
       VecF gv = vsoft * vselect(vgt(q, zero), q * (load_or(d, c, n, 0.f) + vk), zero);
       if (kHardQ) gv = vfma(vhard, q, gv);
-      if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
-      if (stream && n - c >= kLanes) vstream(g + c, gv);
-      else store_upto(g, c, n, gv);
+      put_gradient<kHardQ>(g, c, n, gv, r, stream);
     }
   }
   if (stream) vstream_fence();
@@ -239,9 +244,7 @@ void backward_jsd_cached_range(const float* cache, TS* g, int64_t n, const KdRow
     const VecF q = load_or(cache, c, n, 0.f), d = load_or(cache + n, c, n, 0.f);
     VecF gv = vsoft * vselect(vgt(q, zero), q * (d - vaux), zero);
     if (kHardQ) gv = vfma(vhard, q, gv);
-    if (kHardQ && r.label >= c && r.label < c + kLanes) gv = subtract_at_lane(gv, r.label - c, r.hard);
-    if (stream && n - c >= kLanes) vstream(g + c, gv);
-    else store_upto(g, c, n, gv);
+    put_gradient<kHardQ>(g, c, n, gv, r, stream);
   }
   if (stream) vstream_fence();
 }
