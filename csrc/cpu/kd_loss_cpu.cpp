@@ -22,14 +22,10 @@ struct KdKernels {
   void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
   KdPartial (*stats_cached)(const KdLossParams&, int64_t, float*);
   void (*backward_cached)(const KdLossParams&, int64_t, const KdRowGrad&, const float*, void*);
-  void (*backward_jsd_cached)(const KdLossParams&, int64_t, const KdRowGrad&, const float*, void*);
 };
 
 #define FASTDISTILL_KD_KERNELS(isa) \
-  KdKernels {                                                                                                 \
-    isa::kd_row_stats, isa::kd_row_jsd, isa::kd_row_backward, isa::kd_row_stats_cached, isa::kd_row_backward_cached, \
-        isa::kd_row_backward_jsd_cached                                                                        \
-  }
+  KdKernels { isa::kd_row_stats, isa::kd_row_jsd, isa::kd_row_backward, isa::kd_row_stats_cached, isa::kd_row_backward_cached }
 
 KdKernels kernels() {
   switch (active_isa()) {
@@ -103,12 +99,11 @@ void backward_row(const KdLossParams& p, const KdKernels& k, int64_t r, int64_t 
   k.backward(p, r, c0, c1, row_grad(p, r, stats, g), out);
 }
 
-// backward_row of a whole row from what k.stats_cached (forward KL) or k.jsd (JSD) left in `cache`.
+// backward_row of a whole row from what k.stats_cached (forward / reverse KL) or k.jsd (JSD) left in `cache`.
 void backward_row_cached(const KdLossParams& p, const KdKernels& k, int64_t r, const float* stats, float g,
                          const float* cache, void* out) {
   if (!p.counted(r)) return backward_row(p, k, r, 0, p.vocab, stats, g, out);  // zeros
-  const auto f = p.divergence == Divergence::jsd ? k.backward_jsd_cached : k.backward_cached;
-  f(p, r, row_grad(p, r, stats, g), cache, out);
+  k.backward_cached(p, r, row_grad(p, r, stats, g), cache, out);
 }
 
 // Every row's gradient; g[r * g_stride] is row r's d loss / d row_loss (g_stride 0: one for all).
@@ -134,12 +129,11 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
   if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
     // KL gradients come from the statistics pass's cache (exponentials; for reverse KL also the log
     // ratios), JSD gradients from its second pass's q and log-ratio: no exp or log, no logits re-read.
-    const bool cached = grad && !jsd && !p.separate_hard_lse();
-    const bool cached_jsd = grad && jsd && !p.separate_hard_lse();
+    const bool cached = grad && !p.separate_hard_lse();
     at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
-      std::vector<float> cache(cached || cached_jsd ? size_t(kd_cache_floats(p.vocab)) : 0);
+      std::vector<float> cache(cached ? size_t(kd_cache_floats(p.vocab)) : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        if (cached) {
+        if (cached && !jsd) {
           const KdPartial st = k.stats_cached(p, r, cache.data());
           const KdRowGrad lse = kd_row_lse(st, false);
           finish_row(p, r, lse, 0.f, 0.f, st, loss, stats);
@@ -150,9 +144,9 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
         const KdPartial st = k.stats(p, r, 0, p.vocab);
         const KdRowGrad lse = kd_row_lse(st, p.separate_hard_lse());
         float sum_p = 0.f, sum_q = 0.f;
-        if (jsd) k.jsd(p, r, 0, p.vocab, lse, &sum_p, &sum_q, cached_jsd ? cache.data() : nullptr);
+        if (jsd) k.jsd(p, r, 0, p.vocab, lse, &sum_p, &sum_q, cached ? cache.data() : nullptr);
         finish_row(p, r, lse, sum_p, sum_q, st, loss, stats);
-        if (cached_jsd) backward_row_cached(p, k, r, stats, *grad_weight, cache.data(), grad);
+        if (cached) backward_row_cached(p, k, r, stats, *grad_weight, cache.data(), grad);
         else if (grad) backward_row(p, k, r, 0, p.vocab, stats, *grad_weight, grad);
       }
     });

@@ -343,32 +343,26 @@ KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache) 
   });
 }
 
-// The gradient of a whole row from a training-path cache: forward or reverse KL (kJsd false) or JSD.
-template <bool kJsd>
-void row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, void* grad) {
+// The gradient of a whole row from its training-path cache: kd_row_stats_cached's (forward / reverse KL)
+// or kd_row_jsd's (JSD).
+void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, void* grad) {
   with_dtype(p.student_dtype, [&](auto s_tag) {
     using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
     TS* g = static_cast<TS*>(grad) + row * p.vocab;
     const bool stream = stream_gradient(p, g), hard = p.has_hard();
-    if constexpr (kJsd) {
-      if (hard) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream);
-      else backward_jsd_cached_range<false>(cache, g, p.vocab, r, p.beta, stream);
-    } else if (p.divergence == Divergence::reverse_kl) {
-      if (hard) backward_rkl_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
-      else backward_rkl_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
-    } else {
-      if (hard) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
-      else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
+    switch (p.divergence) {
+      case Divergence::jsd:
+        if (hard) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream);
+        else backward_jsd_cached_range<false>(cache, g, p.vocab, r, p.beta, stream);
+        break;
+      case Divergence::reverse_kl:
+        if (hard) backward_rkl_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
+        else backward_rkl_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
+        break;
+      default:
+        if (hard) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
+        else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
     }
     return 0;
   });
-}
-
-void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, void* grad) {
-  row_backward_cached<false>(p, row, r, cache, grad);
-}
-
-void kd_row_backward_jsd_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache,
-                                void* grad) {
-  row_backward_cached<true>(p, row, r, cache, grad);
 }

@@ -12,18 +12,16 @@ inline int64_t kd_cache_floats(int64_t vocab) { return 2 * vocab + 2 * ((vocab +
 #define FASTDISTILL_DECLARE_KD_LOSS(isa)                                                                  \
   namespace fastdistill::cpu::isa {                                                                       \
   KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1);                     \
-  /* cache: null, or (fused training, whole rows) 2 * vocab floats for kd_row_backward_jsd_cached */     \
+  /* cache: null, or (fused training, whole rows) 2 * vocab floats for kd_row_backward_cached */         \
   void kd_row_jsd(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& lse,      \
                   float* sum_p, float* sum_q, float* cache);                                              \
   void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1, const KdRowGrad& r,    \
                        void* grad);                                                                       \
-  /* Fused training path, forward / reverse KL without a separate hard softmax: whole rows, cached. */    \
+  /* Fused training path without a separate hard softmax, whole rows: forward / reverse KL cache in     \
+     kd_row_stats_cached, JSD in kd_row_jsd; kd_row_backward_cached reads either. */                      \
   KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache);                        \
   void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, \
                               void* grad);                                                                \
-  /* Fused training path, JSD without a separate hard softmax: from kd_row_jsd's cache. */                \
-  void kd_row_backward_jsd_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r,                 \
-                                  const float* cache, void* grad);                                        \
   }
 
 FASTDISTILL_DECLARE_KD_LOSS(scalar)
