@@ -154,6 +154,12 @@ def to_semi_structured_2_4(values: torch.Tensor, meta: torch.Tensor, backend: st
         raise ValueError(f"fastdistill.to_semi_structured_2_4: backend must be 'auto', 'cutlass' or 'cusparselt', "
                          f"got {backend!r}")
     k = _check_format(values, meta, "to_semi_structured_2_4")
+    if values.dtype not in (torch.bfloat16, torch.float16, torch.int8):
+        raise TypeError(f"fastdistill.to_semi_structured_2_4: values must be bfloat16, float16 or int8 (torch's "
+                        f"float32 semi-structured layout is 1:2, not 2:4), got {values.dtype}")
+    if backend == "cusparselt" and not values.is_cuda:
+        raise ValueError(f"fastdistill.to_semi_structured_2_4: backend 'cusparselt' needs CUDA tensors, got values "
+                         f"on {values.device} (backend 'cutlass' runs on any device)")
     if backend == "auto":
         backend = "cusparselt" if values.is_cuda and torch.backends.cusparselt.is_available() else "cutlass"
     with warnings.catch_warnings():  # torch warns once that the subclass is a prototype

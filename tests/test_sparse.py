@@ -113,6 +113,12 @@ def test_semi_structured_tensor_from_our_conversion(dtype):
     assert type(fd.to_semi_structured_2_4(values, meta)) is ss.SparseSemiStructuredTensorCUTLASS  # auto, on CPU
     with pytest.raises(ValueError, match="backend must be"):
         fd.to_semi_structured_2_4(values, meta, "cublas")
+    with pytest.raises(ValueError, match="to_semi_structured_2_4: backend 'cusparselt' needs CUDA tensors"):
+        fd.to_semi_structured_2_4(values, meta, "cusparselt")
+    with pytest.raises(TypeError, match="to_semi_structured_2_4: values must be bfloat16, float16 or int8.*float32"):
+        fd.to_semi_structured_2_4(values.float(), meta)
+    with pytest.raises(ValueError, match="to_semi_structured_2_4: meta must be"):
+        fd.to_semi_structured_2_4(values, meta[:, :-1])
 
 
 def test_sparse_linear_semi_structured_only_on_cuda():
