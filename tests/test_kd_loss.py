@@ -145,6 +145,22 @@ def test_masked_vocabulary_neg_inf(divergence):
     assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad)) and torch.all(x.grad[mask] == 0)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_denormal_flushing_is_scoped_to_the_kernels(training):
+    """The kernels flush denormals (a masked vocabulary would cost a microcode assist per element) and
+    restore the caller's floating-point state: denormals still exist in the caller's thread afterwards."""
+    s, t = logits((64, 1000), torch.float32), logits((64, 1000), torch.float32, seed=3)
+    s[:, 700:], t[:, 700:] = -1e4, -1e4  # every exponential of these columns underflows
+    x = s.clone().requires_grad_(training)
+    loss = kd_loss(x, t, temperature=0.5)
+    if training:
+        loss.backward()
+        assert torch.all(x.grad[:, 700:] == 0)
+    check_against_reference(s, t, temperature=0.5)
+    tiny = torch.tensor([1e-20]) * torch.tensor([1e-20])  # 1e-40 is a float32 denormal
+    assert tiny.item() != 0.0
+
+
 def test_teacher_masked_only_gives_finite_forward_kl():
     s, t = logits((4, 64), torch.float32), logits((4, 64), torch.float32, seed=2)
     t[:, 10:20] = float("-inf")  # p = 0 there: forward KL ignores those columns

@@ -4,6 +4,10 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 namespace fastdistill::cpu {
 namespace {
 
@@ -107,5 +111,14 @@ std::vector<std::string> compiled_isas() {
   return {"scalar"};
 #endif
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+FlushDenormals::FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+FlushDenormals::~FlushDenormals() { _mm_setcsr(saved_); }
+#else
+FlushDenormals::FlushDenormals() = default;
+FlushDenormals::~FlushDenormals() = default;
+#endif
 
 }  // namespace fastdistill::cpu

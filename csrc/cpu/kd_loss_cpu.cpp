@@ -47,6 +47,16 @@ int64_t column_chunk(const KdLossParams& p) {
 
 int64_t grain_rows(const KdLossParams& p, int64_t chunk) { return std::max<int64_t>(1, 32768 / chunk); }
 
+// at::parallel_for over [0, n) with denormals flushed on every worker (see FlushDenormals): a masked
+// vocabulary's -inf logits would otherwise cost a microcode assist per element.
+template <class F>
+void parallel_tasks(int64_t n, int64_t grain, const F& f) {
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    FlushDenormals flush;
+    f(i0, i1);
+  });
+}
+
 // Checks the labels and returns the number of counted rows (all rows without labels).
 int64_t check_labels(const KdLossParams& p) {
   if (!p.labels) return p.rows;
@@ -110,7 +120,7 @@ void backward_row_cached(const KdLossParams& p, const KdKernels& k, int64_t r, c
 void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats, const float* g, int64_t g_stride,
                   void* out) {
   const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk;
-  at::parallel_for(0, p.rows * nchunks, chunk == p.vocab ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
+  parallel_tasks(p.rows * nchunks, chunk == p.vocab ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / nchunks, c0 = (i % nchunks) * chunk;
       backward_row(p, k, r, c0, std::min(p.vocab, c0 + chunk), stats, g[r * g_stride], out);
@@ -130,7 +140,7 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
     // KL gradients come from the statistics pass's cache (exponentials; for reverse KL also the log
     // ratios), JSD gradients from its second pass's q and log-ratio: no exp or log, no logits re-read.
     const bool cached = grad && !p.separate_hard_lse();
-    at::parallel_for(0, p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
+    parallel_tasks(p.rows, grain_rows(p, chunk), [&](int64_t r0, int64_t r1) {
       std::vector<float> cache(cached ? size_t(kd_cache_floats(p.vocab)) : 0);
       for (int64_t r = r0; r < r1; ++r) {
         if (cached && !jsd) {
@@ -155,7 +165,7 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
   // Few long rows: (row, chunk) tasks, merged per row in chunk order.
   const int64_t nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
   std::vector<KdPartial> parts(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+  parallel_tasks(tasks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = (i % nchunks) * chunk;
       parts[i] = k.stats(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk));
@@ -169,7 +179,7 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
     merged[r] = st;
   }
   if (jsd) {
-    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+    parallel_tasks(tasks, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t c0 = (i % nchunks) * chunk;
         k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), kd_row_lse(merged[i / nchunks], false), &sums[2 * i],
