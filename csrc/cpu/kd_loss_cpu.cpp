@@ -20,7 +20,7 @@ struct KdKernels {
   KdPartial (*stats)(const KdLossParams&, int64_t, int64_t, int64_t);
   void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, float*, float*, float*);
   void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
-  KdPartial (*stats_cached)(const KdLossParams&, int64_t, float*);
+  KdPartial (*stats_cached)(const KdLossParams&, int64_t, float*, void*);
   void (*backward_cached)(const KdLossParams&, int64_t, const KdRowGrad&, const float*, void*);
 };
 
@@ -144,7 +144,7 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
       std::vector<float> cache(cached ? size_t(kd_cache_floats(p.vocab)) : 0);
       for (int64_t r = r0; r < r1; ++r) {
         if (cached && !jsd) {
-          const KdPartial st = k.stats_cached(p, r, cache.data());
+          const KdPartial st = k.stats_cached(p, r, cache.data(), grad);
           const KdRowGrad lse = kd_row_lse(st, false);
           finish_row(p, r, lse, 0.f, 0.f, st, loss, stats);
           if (!std::isfinite(lse.lz_t) || !std::isfinite(lse.lz_s)) backward_row(p, k, r, 0, p.vocab, stats, *grad_weight, grad);

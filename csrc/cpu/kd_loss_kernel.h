@@ -42,7 +42,8 @@ inline void store_upto(T* p, int64_t i, int64_t n, VecF x) {
 // 2^ua (teacher; reverse KL: ub - ua instead), cache[n, 2n) = 2^ub (student), and per block the reference
 // maxima they are relative to, cache[2n + 2b] (teacher) and cache[2n + 2b + 1] (student).
 template <int kW, bool kHard, class TS, class TT>
-KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* cache = nullptr) {
+KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* cache = nullptr,
+                      TS* grad_ahead = nullptr) {
   const float inv_t2 = inv_t * kLog2e;
   const VecF zero = vset1(0.f), vinv2 = vset1(inv_t2), vlog2e = vset1(kLog2e);
   VecF zt = zero, zs = zero, zh = zero, w = zero;
@@ -75,7 +76,13 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
       cache[2 * n + 2 * (c0 / kBlock)] = m_t;
       cache[2 * n + 2 * (c0 / kBlock) + 1] = m_s;
     }
+    // The max pass of the next block (or, for contiguous rows, of the next row) would wait on memory
+    // with nothing to compute; fetching it into L2 during this compute-bound pass overlaps the two.
+    const int64_t ahead = c1 - c0;
     for (int64_t c = c0; c < c1; c += kLanes) {
+      __builtin_prefetch(s + c + ahead, 0, 2);
+      __builtin_prefetch(t + c + ahead, 0, 2);
+      if (grad_ahead) __builtin_prefetch(grad_ahead + c, 1, 2);
       const VecF ds = load_or_neg_inf(s, c, c1) - rs;
       const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv2, ub = ds * vinv2;  // log2 units
       const VecF ea = vexp2(ua), eb = vexp2(ub);
@@ -330,15 +337,19 @@ void kd_row_backward(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1,
   });
 }
 
-KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache) {
+KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache, void* grad) {
   return with_dtype(p.student_dtype, [&](auto s_tag) {
     return with_dtype(p.teacher_dtype, [&](auto t_tag) {
       using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
       using TT = std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>;
       const TS* s = static_cast<const TS*>(p.student) + p.student_rows.offset(row);
       const TT* t = static_cast<const TT*>(p.teacher) + p.teacher_rows.offset(row);
-      return p.divergence == Divergence::reverse_kl ? stats_range<2, false>(s, t, p.vocab, p.inv_temperature, cache)
-                                                    : stats_range<1, false>(s, t, p.vocab, p.inv_temperature, cache);
+      // The gradient row is written right after this pass: unless it will be streamed, fetch it for writing
+      // now, while the pass is compute-bound, so the stores do not wait on read-for-ownership misses.
+      TS* g = static_cast<TS*>(grad) + row * p.vocab;
+      TS* ahead = stream_gradient(p, g) ? nullptr : g;
+      return p.divergence == Divergence::reverse_kl ? stats_range<2, false>(s, t, p.vocab, p.inv_temperature, cache, ahead)
+                                                    : stats_range<1, false>(s, t, p.vocab, p.inv_temperature, cache, ahead);
     });
   });
 }

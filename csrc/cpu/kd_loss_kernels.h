@@ -19,7 +19,7 @@ inline int64_t kd_cache_floats(int64_t vocab) { return 2 * vocab + 2 * ((vocab +
                        void* grad);                                                                       \
   /* Fused training path without a separate hard softmax, whole rows: forward / reverse KL cache in     \
      kd_row_stats_cached, JSD in kd_row_jsd; kd_row_backward_cached reads either. */                      \
-  KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache);                        \
+  KdPartial kd_row_stats_cached(const KdLossParams& p, int64_t row, float* cache, void* grad);          \
   void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad& r, const float* cache, \
                               void* grad);                                                                \
   }
