@@ -301,8 +301,18 @@ def test_exp_cache_path_every_isa(isa, divergence):
                 x[-1, : min(2048, shape[-1] - 1)] = float("-inf")
             labels = torch.full(shape[:-1], shape[-1] - 1)  # the last column is never masked
             labels[1] = -100
-            check_against_reference(s, t, temperature=2.0, divergence=divergence, reduction="sum")
-            check_against_reference(s, t, temperature=1.0, divergence=divergence, labels=labels, hard_weight=0.4,
+            # Labels inside a pair of vectors (bf16 pairs hold the even and the odd columns apart): the
+            # hard term's -hard must land on the right lane.
+            if shape[-1] > 2111:
+                labels[0] = 2111
+            if shape[0] > 3:  # row 2 is unmasked
+                labels[2] = 45
+            # grad_output a power of 2: bf16 / fp16 gradients are the cached path's, scaled in place, not
+            # recomputed by the backward op.
+            check_against_reference(s, t, grad_out=torch.tensor(0.5, dtype=torch.float64), temperature=2.0,
+                                    divergence=divergence, reduction="sum")
+            check_against_reference(s, t, grad_out=torch.full(shape[:-1], 0.25, dtype=torch.float64),
+                                    temperature=1.0, divergence=divergence, labels=labels, hard_weight=0.4,
                                     reduction="none")
 
 

@@ -37,6 +37,43 @@ inline void store_upto(T* p, int64_t i, int64_t n, VecF x) {
   else vstore_tail(p + i, x, int(n - i));
 }
 
+// Pairs of vectors (2 * kLanes columns) in natural order; the ISA header overloads these where another
+// lane order is cheaper (bf16: even / odd columns). pair_lane maps a column of the pair to its lane.
+template <class T>
+inline void vload2(const T* p, VecF& a, VecF& b) {
+  a = vload(p);
+  b = vload(p + kLanes);
+}
+template <class T>
+inline void vstore2(T* p, VecF a, VecF b) {
+  vstore(p, a);
+  vstore(p + kLanes, b);
+}
+template <class T>
+inline void vstream2(T* p, VecF a, VecF b) {
+  vstream(p, a);
+  vstream(p + kLanes, b);
+}
+template <class T>
+constexpr int pair_lane(const T*, int j) { return j; }
+
+// Student and teacher pairs line up only if both types use the same lane order (a mixed-dtype pair such
+// as bf16 student and fp32 teacher goes one vector at a time).
+template <class TS, class TT>
+constexpr bool kSamePairOrder = pair_lane(static_cast<const TS*>(nullptr), 1) == pair_lane(static_cast<const TT*>(nullptr), 1);
+
+// The cache lines of a pair's columns, into L2 (for reading, or with kWrite for writing).
+template <int kWrite, class T>
+inline void prefetch_pair(const T* p) {
+  for (int b = 0; b < int(2 * kLanes * sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b, kWrite, 2);
+}
+
+// Where a block [c0, c1)'s whole pairs end: columns [c0, pairs_end) go in pairs, the rest one vector at a
+// time. The statistics pass and the cached gradient pass split alike, so the cache's lane order matches.
+inline int64_t pairs_end(int64_t c0, int64_t c1, bool pairs = true) {
+  return pairs ? c0 + (c1 - c0) / (2 * kLanes) * (2 * kLanes) : c0;
+}
+
 // kW: 0 = no weighted sum (JSD first pass), 1 = teacher primary (forward KL), 2 = student primary.
 // With `cache` (fused training path, whole rows) what the gradient pass needs is kept: cache[0, n) =
 // 2^ua (teacher; reverse KL: ub - ua instead), cache[n, 2n) = 2^ub (student), and per block the reference
@@ -49,9 +86,16 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
   VecF zt = zero, zs = zero, zh = zero, w = zero;
   float m_t = kNegInf, m_s = kNegInf;
   for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
-    const int64_t c1 = std::min(n, c0 + kBlock);
+    const int64_t c1 = std::min(n, c0 + kBlock), cp = pairs_end(c0, c1, kSamePairOrder<TS, TT>);
     VecF bt = vset1(kNegInf), bs = vset1(kNegInf);
-    for (int64_t c = c0; c < c1; c += kLanes) {
+    for (int64_t c = c0; c < cp; c += 2 * kLanes) {
+      VecF a, b;
+      vload2(t + c, a, b);
+      bt = vmax(bt, vmax(a, b));
+      vload2(s + c, a, b);
+      bs = vmax(bs, vmax(a, b));
+    }
+    for (int64_t c = cp; c < c1; c += kLanes) {
       bt = vmax(bt, load_or_neg_inf(t, c, c1));
       bs = vmax(bs, load_or_neg_inf(s, c, c1));
     }
@@ -76,15 +120,10 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
       cache[2 * n + 2 * (c0 / kBlock)] = m_t;
       cache[2 * n + 2 * (c0 / kBlock) + 1] = m_s;
     }
-    // The max pass of the next block (or, for contiguous rows, of the next row) would wait on memory
-    // with nothing to compute; fetching it into L2 during this compute-bound pass overlaps the two.
-    const int64_t ahead = c1 - c0;
-    for (int64_t c = c0; c < c1; c += kLanes) {
-      __builtin_prefetch(s + c + ahead, 0, 2);
-      __builtin_prefetch(t + c + ahead, 0, 2);
-      if (grad_ahead) __builtin_prefetch(grad_ahead + c, 1, 2);
-      const VecF ds = load_or_neg_inf(s, c, c1) - rs;
-      const VecF ua = (load_or_neg_inf(t, c, c1) - rt) * vinv2, ub = ds * vinv2;  // log2 units
+    // Columns whose lanes start at cache position c (in the pair order for [c0, cp)).
+    auto accumulate = [&](VecF sv, VecF tv, int64_t c) {
+      const VecF ds = sv - rs;
+      const VecF ua = (tv - rt) * vinv2, ub = ds * vinv2;  // log2 units
       const VecF ea = vexp2(ua), eb = vexp2(ub);
       if (cache) {
         store_upto(cache, c, c1, kW == 2 ? ub - ua : ea);
@@ -96,7 +135,22 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
       if (kW == 1) w = vfma_if(vgt(ea, zero), ea, ua - ub, w);
       if (kW == 2) w = vfma_if(vgt(eb, zero), eb, ub - ua, w);
       if (kHard) zh = zh + vexp2(ds * vlog2e);
+    };
+    // The max pass of the next block (or, for contiguous rows, of the next row) would wait on memory
+    // with nothing to compute; fetching it into L2 during this compute-bound pass overlaps the two.
+    // The gradient row the caller writes next is fetched for writing.
+    const int64_t ahead = c1 - c0;
+    for (int64_t c = c0; c < cp; c += 2 * kLanes) {
+      prefetch_pair<0>(s + c + ahead);
+      prefetch_pair<0>(t + c + ahead);
+      if (grad_ahead) prefetch_pair<1>(grad_ahead + c);
+      VecF sa, sb, ta, tb;
+      vload2(s + c, sa, sb);
+      vload2(t + c, ta, tb);
+      accumulate(sa, ta, c);
+      accumulate(sb, tb, c + kLanes);
     }
+    for (int64_t c = cp; c < c1; c += kLanes) accumulate(load_or_neg_inf(s, c, c1), load_or_neg_inf(t, c, c1), c);
   }
   KdPartial out;
   out.m_t = m_t;
@@ -189,11 +243,24 @@ inline void put_gradient(TS* g, int64_t c, int64_t n, VecF gv, const KdRowGrad& 
   else store_upto(g, c, n, gv);
 }
 
+// The same for a pair of vectors (columns [c, c + 2 * kLanes) in vload2's lane order).
+template <bool kHard, class TS>
+inline void put_gradient2(TS* g, int64_t c, VecF a, VecF b, const KdRowGrad& r, bool stream) {
+  if (kHard && r.label >= c && r.label < c + 2 * kLanes) {
+    const int lane = pair_lane(g, int(r.label - c));
+    if (lane < kLanes) a = subtract_at_lane(a, lane, r.hard);
+    else b = subtract_at_lane(b, lane - kLanes, r.hard);
+  }
+  if (stream) vstream2(g + c, a, b);
+  else vstore2(g + c, a, b);
+}
+
 // Forward KL gradient of a whole row from the exponentials its statistics pass cached: per block, p and q
 // are the cached 2^u times one scalar, so this pass does no exp and reads no logits. kHardQ: the hard
 // term's softmax is q (T == 1), folded into q's factor. Rows that are entirely -inf do not come here.
 template <bool kHardQ, class TS>
-void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream) {
+void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream,
+                           bool pairs) {
   const float* et = cache;
   const float* es = cache + n;
   const float* refs = cache + 2 * n;
@@ -205,10 +272,10 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
     const float ft = refs[2 * b] == kNegInf ? 0.f : r.soft * std::exp2((refs[2 * b] - r.m_t) * c2 - r.lz_t * kLog2e);
     const float fs = refs[2 * b + 1] == kNegInf ? 0.f : wq * std::exp2((refs[2 * b + 1] - r.m_s) * c2 - r.lz_s * kLog2e);
     const VecF vft = vset1(-ft), vfs = vset1(fs);
-    for (int64_t c = c0; c < c1; c += kLanes) {
-      VecF gv = vfma(load_or(es, c, n, 0.f), vfs, load_or(et, c, n, 0.f) * vft);
-      put_gradient<kHardQ>(g, c, n, gv, r, stream);
-    }
+    auto grad_at = [&](int64_t c) { return vfma(load_or(es, c, n, 0.f), vfs, load_or(et, c, n, 0.f) * vft); };
+    const int64_t cp = pairs_end(c0, c1, pairs);
+    for (int64_t c = c0; c < cp; c += 2 * kLanes) put_gradient2<kHardQ>(g, c, grad_at(c), grad_at(c + kLanes), r, stream);
+    for (int64_t c = cp; c < c1; c += kLanes) put_gradient<kHardQ>(g, c, n, grad_at(c), r, stream);
   }
   if (stream) vstream_fence();
 }
@@ -216,7 +283,8 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
 // Reverse KL gradient of a whole row from the statistics pass's cache (ub - ua and 2^ub per column): per
 // block q = 2^ub times one scalar and lb - la = (ub - ua) plus one scalar, so no exp and no logits re-read.
 template <bool kHardQ, class TS>
-void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream) {
+void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad& r, float inv_t, bool stream,
+                               bool pairs) {
   const float* d = cache;
   const float* es = cache + n;
   const float* refs = cache + 2 * n;
@@ -231,12 +299,14 @@ void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRow
     const float kt = rt == kNegInf ? 0.f : (rt - r.m_t) * c2 - r.lz_t * kLog2e;
     const float ks = rs == kNegInf ? 0.f : (rs - r.m_s) * c2 - r.lz_s * kLog2e;
     const VecF vfs = vset1(fs), vk = vset1(ks - kt - r.aux * kLog2e);
-    for (int64_t c = c0; c < c1; c += kLanes) {
+    auto grad_at = [&](int64_t c) {
       const VecF q = load_or(es, c, n, 0.f) * vfs;
-      VecF gv = vsoft * vselect(vgt(q, zero), q * (load_or(d, c, n, 0.f) + vk), zero);
-      if (kHardQ) gv = vfma(vhard, q, gv);
-      put_gradient<kHardQ>(g, c, n, gv, r, stream);
-    }
+      const VecF gv = vsoft * vselect(vgt(q, zero), q * (load_or(d, c, n, 0.f) + vk), zero);
+      return kHardQ ? vfma(vhard, q, gv) : gv;
+    };
+    const int64_t cp = pairs_end(c0, c1, pairs);
+    for (int64_t c = c0; c < cp; c += 2 * kLanes) put_gradient2<kHardQ>(g, c, grad_at(c), grad_at(c + kLanes), r, stream);
+    for (int64_t c = cp; c < c1; c += kLanes) put_gradient<kHardQ>(g, c, n, grad_at(c), r, stream);
   }
   if (stream) vstream_fence();
 }
@@ -265,6 +335,11 @@ auto with_dtype(DType d, F&& f) {
     case DType::f16: return f(static_cast<const f16_t*>(nullptr));
     default: return f(static_cast<const float*>(nullptr));
   }
+}
+
+// pair_lane(., 1) of a dtype: equal values mean the same pair lane order.
+inline int pair_order(DType d) {
+  return with_dtype(d, [](auto tag) { return pair_lane(tag, 1); });
 }
 
 KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1) {
@@ -361,18 +436,19 @@ void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad&
     using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
     TS* g = static_cast<TS*>(grad) + row * p.vocab;
     const bool stream = stream_gradient(p, g), hard = p.has_hard();
+    const bool pairs = pair_order(p.student_dtype) == pair_order(p.teacher_dtype);  // as stats_range split
     switch (p.divergence) {
       case Divergence::jsd:
         if (hard) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream);
         else backward_jsd_cached_range<false>(cache, g, p.vocab, r, p.beta, stream);
         break;
       case Divergence::reverse_kl:
-        if (hard) backward_rkl_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
-        else backward_rkl_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
+        if (hard) backward_rkl_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream, pairs);
+        else backward_rkl_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream, pairs);
         break;
       default:
-        if (hard) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream);
-        else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream);
+        if (hard) backward_cached_range<true>(cache, g, p.vocab, r, p.inv_temperature, stream, pairs);
+        else backward_cached_range<false>(cache, g, p.vocab, r, p.inv_temperature, stream, pairs);
     }
     return 0;
   });

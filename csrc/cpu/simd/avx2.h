@@ -45,15 +45,37 @@ inline VecF vload_tail(const T* p, int n, float fill) {
   return {_mm256_load_ps(buf)};
 }
 
-inline __m128i to_bf16_bits(VecF x) {  // round to nearest even; NaN stays a quiet NaN
-  __m256i u = _mm256_castps_si256(x.v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  return _mm256_castsi256_si128(packed);
+// bf16 rounded to nearest even in the high half of each 32-bit lane (the low half is junk); NaN stays a
+// quiet NaN.
+inline __m256i bf16_high_bits(VecF x) {
+  const __m256i u = _mm256_castps_si256(x.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
 }
+inline __m128i to_bf16_bits(VecF x) {
+  const __m256i r = _mm256_srli_epi32(bf16_high_bits(x), 16);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+// See avx512.h: bf16 pairs as even / odd columns.
+inline void vload2(const bf16_t* p, VecF& even, VecF& odd) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  odd = {_mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))))};
+}
+inline __m256i bf16_pair_bits(VecF even, VecF odd) {  // 16-bit blend: odd words from `odd`
+  return _mm256_blend_epi16(_mm256_srli_epi32(bf16_high_bits(even), 16), bf16_high_bits(odd), 0xAA);
+}
+inline void vstore2(bf16_t* p, VecF even, VecF odd) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_pair_bits(even, odd));
+}
+inline void vstream2(bf16_t* p, VecF even, VecF odd) {  // p 16-byte aligned, as for vstream
+  const __m256i b = bf16_pair_bits(even, odd);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(b));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p) + 1, _mm256_extracti128_si256(b, 1));
+}
+constexpr int pair_lane(const bf16_t*, int j) { return (j & 1) * kLanes + (j >> 1); }
 inline __m128i to_f16_bits(VecF x) { return _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 inline void vstore(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }

@@ -42,14 +42,15 @@ inline VecF vload_tail(const T* p, int n, float fill) {
   return {_mm512_mask_blend_ps(m, _mm512_set1_ps(fill), x.v)};
 }
 
-inline __m256i to_bf16_bits(VecF x) {  // round to nearest even; NaN stays a quiet NaN
-  __m512i u = _mm512_castps_si512(x.v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q),
-                            _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
+// bf16 rounded to nearest even in the high half of each 32-bit lane (the low half is junk); NaN stays a
+// quiet NaN.
+inline __m512i bf16_high_bits(VecF x) {
+  const __m512i u = _mm512_castps_si512(x.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
 }
+inline __m256i to_bf16_bits(VecF x) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high_bits(x), 16)); }
 inline __m256i to_f16_bits(VecF x) { return _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 inline void vstore(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
@@ -65,6 +66,27 @@ inline void vstream_fence() { _mm_sfence(); }
 inline void vstore_tail(float* p, VecF x, int n) { _mm512_mask_storeu_ps(p, Mask((1u << n) - 1), x.v); }
 inline void vstore_tail(bf16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_bf16_bits(x)); }
 inline void vstore_tail(f16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, Mask((1u << n) - 1), to_f16_bits(x)); }
+
+// Two vectors' worth at once, for element-wise code that does not care which column sits in which lane
+// (pair_lane says). bf16 splits into the even columns (one shift) and the odd ones (one mask) instead of
+// a widening shuffle plus a shift per 16, and goes back with one ternary-logic merge instead of two
+// narrowing shuffles. Other types use the generic natural order (kd_loss_kernel.h).
+inline void vload2(const bf16_t* p, VecF& even, VecF& odd) {
+  const __m512i w = _mm512_loadu_si512(p);
+  even = {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  odd = {_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))))};
+}
+inline __m512i bf16_pair_bits(VecF even, VecF odd) {  // odd's high halves | even's high halves >> 16
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(bf16_high_bits(even), 16), bf16_high_bits(odd),
+                                   _mm512_set1_epi32(int(0xffff0000u)), 0xF8);
+}
+inline void vstore2(bf16_t* p, VecF even, VecF odd) { _mm512_storeu_si512(p, bf16_pair_bits(even, odd)); }
+inline void vstream2(bf16_t* p, VecF even, VecF odd) {  // p 32-byte aligned, as for vstream
+  const __m512i b = bf16_pair_bits(even, odd);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(b));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p) + 1, _mm512_extracti64x4_epi64(b, 1));
+}
+constexpr int pair_lane(const bf16_t*, int j) { return (j & 1) * kLanes + (j >> 1); }
 
 // 2^x as p(f) * 2^floor(x), f = x - floor(x) in [0, 1]: vreduceps gives f in one µop and vscalefps takes
 // floor(x) from x itself, so there is no separate rounding step (8 µops, not 11). p is a degree-6
