@@ -78,7 +78,7 @@ void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, fl
     div = p.beta * sum_p + (1.f - p.beta) * sum_q;
     lse.aux = sum_q;
   } else {
-    div = kd_kl_from_state(st, p.divergence);
+    div = kd_kl_from_state(st, lse, p.divergence);
     lse.aux = p.divergence == Divergence::reverse_kl ? div : 0.f;
   }
   float row = p.soft_coef != 0.f ? p.soft_coef * div : 0.f;

@@ -184,7 +184,7 @@ FD_DEVICE void kd_finish(const KdLossParams& p, int64_t row, const KdPartial& x,
     kd_store_stats(lse, stats + row * kNumStats);
     return;
   }
-  const float D = kd_kl_from_state(x, p.divergence);
+  const float D = kd_kl_from_state(x, lse, p.divergence);
   lse.aux = p.divergence == Divergence::reverse_kl ? D : 0.f;
   row_loss[row] = kd_row_loss<Ts>(p, row, D, lse);
   if (!p.has_hard()) lse.lz_h = 0.f;

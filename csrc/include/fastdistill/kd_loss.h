@@ -105,12 +105,6 @@ FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, float inv_t, bool teacher_pri
 
 FD_HD bool kd_teacher_primary(Divergence d) { return d != Divergence::reverse_kl; }
 
-// The divergence of a finished row for forward / reverse KL (JSD needs its second pass).
-FD_HD float kd_kl_from_state(const KdPartial& x, Divergence d) {
-  return d == Divergence::forward_kl ? x.w / x.z_t - logf(x.z_t) + logf(x.z_s)
-                                     : x.w / x.z_s - logf(x.z_s) + logf(x.z_t);
-}
-
 // Coefficients of one row's gradient: d loss / d student_j =
 //   soft * dD/db_j + hard * (softmax(student)_j - [j == label]).
 struct KdRowGrad {
@@ -129,6 +123,12 @@ FD_HD KdRowGrad kd_row_lse(const KdPartial& x, bool separate_hard) {
   r.lz_s = logf(x.z_s);
   r.lz_h = separate_hard ? logf(x.z_h) : r.lz_s;
   return r;
+}
+
+// The divergence of a finished row for forward / reverse KL (JSD needs its second pass), from the row's
+// state and its logsumexp halves (lse = kd_row_lse(x, .): the logs are not taken twice).
+FD_HD float kd_kl_from_state(const KdPartial& x, const KdRowGrad& lse, Divergence d) {
+  return d == Divergence::forward_kl ? x.w / x.z_t - lse.lz_t + lse.lz_s : x.w / x.z_s - lse.lz_s + lse.lz_t;
 }
 
 FD_HD void kd_store_stats(const KdRowGrad& r, float* stats_row) {
