@@ -160,54 +160,42 @@ void tile(const FloatParams& p, int64_t n, int nb, int64_t m, int mb, int64_t c0
 // 64-row activation block, each kept value (row i, column k) does acc[i][0..3] += w * xt[k][0..63]:
 // one broadcast and 4 FMAs with memory operands, no shuffles. K is blocked so the xt slice stays in
 // L2; partial sums live in a per-call scratch [rows][64].
-template <bool BF16>
-inline float value_at(const void* values, int64_t i) {
-  if constexpr (BF16) {
-    const uint32_t b = uint32_t(static_cast<const uint16_t*>(values)[i]) << 16;
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-  } else {
-    return static_cast<const float*>(values)[i];
-  }
-}
-
-// Row i's values and meta are addressed as base + i * stride from two bases (rows 0-2 and 3-5), and
-// groups go in pairs (one meta byte per row): with 12 separate row pointers GCC parked GPRs in vector
-// registers, and those vmovq moves took FMA ports (~8% of the tile).
-template <int NB, bool BF16>
-void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64_t g1, float* scratch) {
-  constexpr int64_t kRowBytes = kXtRows * 4, kEsize = BF16 ? 2 : 4;
-  const int64_t vstride = p.K / 2 * kEsize, mstride = (p.K + 7) / 8;
+//
+// vals / meta point at group g0 of the tile's first row; row i's are at + i * vstride floats / i * mstride
+// bytes. Rows 0-2 and 3-5 are addressed from two bases, and groups go in pairs (one meta byte per row):
+// with 12 separate row pointers GCC parked GPRs in vector registers, and those vmovq moves took FMA
+// ports (~8% of the tile).
+template <int NB>
+void xt_tile(const float* vals, int64_t vstride, const uint8_t* meta, int64_t mstride, const float* xt, int64_t g0,
+             int64_t g1, float* scratch) {
+  constexpr int64_t kRowBytes = kXtRows * 4;
   __m512 acc[NB][4];
   _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_loadu_ps(scratch + i * kXtRows + 16 * v);
-  const char* vbase[2] = {static_cast<const char*>(p.values) + n * vstride + 2 * g0 * kEsize, nullptr};
-  const uint8_t* mbase[2] = {p.meta + n * mstride + g0 / 2, nullptr};  // g0 is even
-  vbase[1] = vbase[0] + 3 * vstride;
-  mbase[1] = mbase[0] + 3 * mstride;
+  const float* vbase[2] = {vals, vals + 3 * vstride};
+  const uint8_t* mbase[2] = {meta, meta + 3 * mstride};
   const char* xg = reinterpret_cast<const char*>(xt + 4 * g0 * kXtRows);
-  // acc[i] += the group's two kept values (code: its nibble, vals: its value pair) times their xt rows.
-  auto group = [&](int i, uint32_t code, const char* xb, const char* vals) {
+  // acc[i] += the group's two kept values (code: its nibble, v: its value pair) times their xt rows.
+  auto group = [&](int i, uint32_t code, const char* xb, const float* v) {
     const float* r0 = reinterpret_cast<const float*>(xb + (code & 3) * kRowBytes);
     const float* r1 = reinterpret_cast<const float*>(xb + (code >> 2 & 3) * kRowBytes);
     // Materialise the row pointers: a base + index memory operand would un-laminate each FMA.
     asm("" : "+r"(r0), "+r"(r1));
-    const __m512 w0 = _mm512_set1_ps(value_at<BF16>(vals, 0)), w1 = _mm512_set1_ps(value_at<BF16>(vals, 1));
-    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) {
-      acc[i][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * v), acc[i][v]);
-      acc[i][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * v), acc[i][v]);
+    const __m512 w0 = _mm512_set1_ps(v[0]), w1 = _mm512_set1_ps(v[1]);
+    _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
+      acc[i][q] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * q), acc[i][q]);
+      acc[i][q] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * q), acc[i][q]);
     }
   };
   int64_t g = g0;
   for (; g + 2 <= g1; g += 2) {
     _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i) {
-      const char* vals = vbase[i / 3] + (i % 3) * vstride;
+      const float* v = vbase[i / 3] + (i % 3) * vstride;
       const uint32_t byte = mbase[i / 3][(i % 3) * mstride];
-      group(i, byte & 15u, xg, vals);
-      group(i, byte >> 4, xg + 4 * kRowBytes, vals + 2 * kEsize);
+      group(i, byte & 15u, xg, v);
+      group(i, byte >> 4, xg + 4 * kRowBytes, v + 2);
     }
-    _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) vbase[h] += 4 * kEsize, mbase[h] += 1;
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) vbase[h] += 4, mbase[h] += 1;
     xg += 8 * kRowBytes;
   }
   if (g < g1) {  // an odd last group: the low nibble
@@ -216,6 +204,17 @@ void xt_tile(const FloatParams& p, int64_t n, const float* xt, int64_t g0, int64
   }
   _Pragma("GCC unroll 8") for (int i = 0; i < NB; ++i)
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
+}
+
+// dst[i * len + j] = src[i * stride + j] as fp32, for rows i < rows and j < len.
+void widen_bf16_rows(const uint16_t* src, int64_t stride, int rows, int64_t len, float* dst) {
+  for (int i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = len - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - j)) - 1);
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i * stride + j));
+      _mm512_mask_storeu_ps(dst + i * len + j, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+  }
 }
 
 // In-register 16x16 transpose: r[i] lane j <- r[j] lane i (unpack pairs, then 128-bit lane shuffles).
@@ -269,23 +268,37 @@ void add_transposed(const float* scratch, int64_t ncols, int64_t mrows, float* o
 template <bool BF16>
 void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   constexpr int kRows = 6;
-  const int64_t groups = p.K / 4, kbg = kKbg;
+  const int64_t groups = p.K / 4, kbg = kKbg, half = p.K / 2, mstride = (p.K + 7) / 8;
   const int64_t rows = n1 - n0;
   std::vector<float> scratch(size_t(rows * kXtRows));
+  // bf16 values are widened to fp32 once per tile and K block, not in the tile's inner loop, where each
+  // value would cost two shuffle-port µops (move to a vector register, broadcast) beside its 4 FMAs.
+  std::vector<float> wide(BF16 ? size_t(kRows * 2 * kbg) : 0);
   for (int64_t mb = 0; mb * kXtRows < p.M; ++mb) {
     const float* xt = p.xt + mb * p.ldx * kXtRows;
     std::fill(scratch.begin(), scratch.end(), 0.f);
     for (int64_t g0 = 0; g0 < groups; g0 += kbg) {
       const int64_t g1 = std::min(groups, g0 + kbg);
       for (int64_t n = n0; n < n1; n += kRows) {
+        const int nb = int(std::min<int64_t>(kRows, n1 - n));
+        const float* vals = nullptr;
+        int64_t vstride = half;
+        if constexpr (BF16) {
+          vstride = 2 * (g1 - g0);
+          widen_bf16_rows(static_cast<const uint16_t*>(p.values) + n * half + 2 * g0, half, nb, vstride, wide.data());
+          vals = wide.data();
+        } else {
+          vals = static_cast<const float*>(p.values) + n * half + 2 * g0;
+        }
+        const uint8_t* meta = p.meta + n * mstride + g0 / 2;  // g0 is even
         float* s = scratch.data() + (n - n0) * kXtRows;
-        switch (std::min<int64_t>(kRows, n1 - n)) {
-          case 6: xt_tile<6, BF16>(p, n, xt, g0, g1, s); break;
-          case 5: xt_tile<5, BF16>(p, n, xt, g0, g1, s); break;
-          case 4: xt_tile<4, BF16>(p, n, xt, g0, g1, s); break;
-          case 3: xt_tile<3, BF16>(p, n, xt, g0, g1, s); break;
-          case 2: xt_tile<2, BF16>(p, n, xt, g0, g1, s); break;
-          default: xt_tile<1, BF16>(p, n, xt, g0, g1, s); break;
+        switch (nb) {
+          case 6: xt_tile<6>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
+          case 5: xt_tile<5>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
+          case 4: xt_tile<4>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
+          case 3: xt_tile<3>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
+          case 2: xt_tile<2>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
+          default: xt_tile<1>(vals, vstride, meta, mstride, xt, g0, g1, s); break;
         }
       }
     }
