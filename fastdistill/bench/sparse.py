@@ -102,4 +102,24 @@ def cases(quick: bool = False, device: str = "cpu") -> List[Case]:
     if device != "cpu":
         return []  # the CUDA cases belong to the CUDA implementation of these ops
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
-    return [_case(k, n, m, dtype) for k, n in shapes for m in ms for dtype in ("fp32", "bf16", "int8")]
+    out = [_case(k, n, m, dtype) for k, n in shapes for m in ms for dtype in ("fp32", "bf16", "int8")]
+    return out + [_after_relu(768, 3072, m, dtype) for m in (1, 128) for dtype in ("fp32", "int8")]
+
+
+def _after_relu(k, n, m, dtype):
+    """The layer as a model runs it, right after an ATen op (relu), warm weights: catches threading that
+    fights ATen's pool (OpenMP workers spin for a while after each region), which an op timed alone
+    cannot show."""
+    case = _case(k, n, m, dtype)
+    x32 = torch.randn(m, k)
+    W = lambda: _Weights.get(k, n, False)  # noqa: E731
+    if dtype == "fp32":
+        run = lambda: ops.sparse24_linear(torch.relu(x32), *W().sp32.next(), None)  # noqa: E731
+    else:
+        run = lambda: ops.sparse24_int8_linear(torch.relu(x32), *W().sp8.next(), None)  # noqa: E731
+    baselines = {"fp32 F.linear": lambda: F.linear(torch.relu(x32), *W().d32.next())}
+    if dtype == "int8" and _dense_int8_available():
+        baselines["fastdistill dense int8"] = lambda: ops.int8_linear(torch.relu(x32), *W().d8.next(), None)
+    return Case(family="sparse", op=f"relu -> sparse24_linear {dtype}", shape=case.shape, dtype=dtype, run=run,
+                baselines=baselines, bytes=case.bytes, flops=case.flops, cold=False, peak_kind=case.peak_kind,
+                note="after an ATen op, warm weights")
