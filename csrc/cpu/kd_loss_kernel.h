@@ -138,7 +138,8 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
     };
     // The max pass of the next block (or, for contiguous rows, of the next row) would wait on memory
     // with nothing to compute; fetching it into L2 during this compute-bound pass overlaps the two.
-    // The gradient row the caller writes next is fetched for writing.
+    // The gradient row the caller writes next is fetched for writing. The single-vector loop prefetches
+    // too (a pair's lines every other vector): mixed-order dtype pairs take it for whole rows.
     const int64_t ahead = c1 - c0;
     for (int64_t c = c0; c < cp; c += 2 * kLanes) {
       prefetch_pair<0>(s + c + ahead);
@@ -150,7 +151,14 @@ KdPartial stats_range(const TS* s, const TT* t, int64_t n, float inv_t, float* c
       accumulate(sa, ta, c);
       accumulate(sb, tb, c + kLanes);
     }
-    for (int64_t c = cp; c < c1; c += kLanes) accumulate(load_or_neg_inf(s, c, c1), load_or_neg_inf(t, c, c1), c);
+    for (int64_t c = cp; c < c1; c += kLanes) {
+      if ((c - cp) % (2 * kLanes) == 0) {
+        prefetch_pair<0>(s + c + ahead);
+        prefetch_pair<0>(t + c + ahead);
+        if (grad_ahead) prefetch_pair<1>(grad_ahead + c);
+      }
+      accumulate(load_or_neg_inf(s, c, c1), load_or_neg_inf(t, c, c1), c);
+    }
   }
   KdPartial out;
   out.m_t = m_t;
@@ -255,6 +263,16 @@ inline void put_gradient2(TS* g, int64_t c, VecF a, VecF b, const KdRowGrad& r, 
   else vstore2(g + c, a, b);
 }
 
+// Columns [c0, c1) of a whole row's gradient, grad_at(c) giving the vector at cache position c: pairs in
+// the statistics pass's lane order up to pairs_end, then single vectors (the split stats_range made).
+template <bool kHard, class TS, class F>
+inline void put_block(TS* g, int64_t c0, int64_t c1, int64_t n, const F& grad_at, const KdRowGrad& r, bool stream,
+                      bool pairs) {
+  const int64_t cp = pairs_end(c0, c1, pairs);
+  for (int64_t c = c0; c < cp; c += 2 * kLanes) put_gradient2<kHard>(g, c, grad_at(c), grad_at(c + kLanes), r, stream);
+  for (int64_t c = cp; c < c1; c += kLanes) put_gradient<kHard>(g, c, n, grad_at(c), r, stream);
+}
+
 // Forward KL gradient of a whole row from the exponentials its statistics pass cached: per block, p and q
 // are the cached 2^u times one scalar, so this pass does no exp and reads no logits. kHardQ: the hard
 // term's softmax is q (T == 1), folded into q's factor. Rows that are entirely -inf do not come here.
@@ -273,9 +291,7 @@ void backward_cached_range(const float* cache, TS* g, int64_t n, const KdRowGrad
     const float fs = refs[2 * b + 1] == kNegInf ? 0.f : wq * std::exp2((refs[2 * b + 1] - r.m_s) * c2 - r.lz_s * kLog2e);
     const VecF vft = vset1(-ft), vfs = vset1(fs);
     auto grad_at = [&](int64_t c) { return vfma(load_or(es, c, n, 0.f), vfs, load_or(et, c, n, 0.f) * vft); };
-    const int64_t cp = pairs_end(c0, c1, pairs);
-    for (int64_t c = c0; c < cp; c += 2 * kLanes) put_gradient2<kHardQ>(g, c, grad_at(c), grad_at(c + kLanes), r, stream);
-    for (int64_t c = cp; c < c1; c += kLanes) put_gradient<kHardQ>(g, c, n, grad_at(c), r, stream);
+    put_block<kHardQ>(g, c0, c1, n, grad_at, r, stream, pairs);
   }
   if (stream) vstream_fence();
 }
@@ -304,9 +320,7 @@ void backward_rkl_cached_range(const float* cache, TS* g, int64_t n, const KdRow
       const VecF gv = vsoft * vselect(vgt(q, zero), q * (load_or(d, c, n, 0.f) + vk), zero);
       return kHardQ ? vfma(vhard, q, gv) : gv;
     };
-    const int64_t cp = pairs_end(c0, c1, pairs);
-    for (int64_t c = c0; c < cp; c += 2 * kLanes) put_gradient2<kHardQ>(g, c, grad_at(c), grad_at(c + kLanes), r, stream);
-    for (int64_t c = cp; c < c1; c += kLanes) put_gradient<kHardQ>(g, c, n, grad_at(c), r, stream);
+    put_block<kHardQ>(g, c0, c1, n, grad_at, r, stream, pairs);
   }
   if (stream) vstream_fence();
 }
@@ -335,11 +349,6 @@ auto with_dtype(DType d, F&& f) {
     case DType::f16: return f(static_cast<const f16_t*>(nullptr));
     default: return f(static_cast<const float*>(nullptr));
   }
-}
-
-// pair_lane(., 1) of a dtype: equal values mean the same pair lane order.
-inline int pair_order(DType d) {
-  return with_dtype(d, [](auto tag) { return pair_lane(tag, 1); });
 }
 
 KdPartial kd_row_stats(const KdLossParams& p, int64_t row, int64_t c0, int64_t c1) {
@@ -436,7 +445,9 @@ void kd_row_backward_cached(const KdLossParams& p, int64_t row, const KdRowGrad&
     using TS = std::remove_const_t<std::remove_pointer_t<decltype(s_tag)>>;
     TS* g = static_cast<TS*>(grad) + row * p.vocab;
     const bool stream = stream_gradient(p, g), hard = p.has_hard();
-    const bool pairs = pair_order(p.student_dtype) == pair_order(p.teacher_dtype);  // as stats_range split
+    const bool pairs = with_dtype(p.teacher_dtype, [](auto t_tag) {  // as stats_range split the row
+      return kSamePairOrder<TS, std::remove_const_t<std::remove_pointer_t<decltype(t_tag)>>>;
+    });
     switch (p.divergence) {
       case Divergence::jsd:
         if (hard) backward_jsd_cached_range<true>(cache, g, p.vocab, r, p.beta, stream);
