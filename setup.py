@@ -1,5 +1,5 @@
 """Builds fastdistill._C (CPU kernels, plus CUDA kernels when enabled) and fastdistill._simt
-(the CUDA kernels compiled for the CPU SIMT emulator, used by the tests).
+(the GPU kernels and launchers compiled for the CPU SIMT emulator, as test-only ops).
 
 FASTDISTILL_CUDA=auto (default) builds CUDA when torch has CUDA and nvcc is found,
 =1 requires it (fails loudly otherwise), =0 never builds it.
@@ -59,12 +59,11 @@ else:
         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 extensions = [ext]
 
-simt_sources = sources("simt/*.cpp")
-if simt_sources:
-    extensions.append(CppExtension(
-        "fastdistill._simt", simt_sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-DFASTDISTILL_SIMT_EMULATOR=1"]},
-        extra_link_args=["-fopenmp"]))
+# Hidden symbols: the emulator's GPU launchers have the same names as the CUDA ones in _C.
+extensions.append(CppExtension(
+    "fastdistill._simt", sources("simt_ops/*.cpp"), include_dirs=include_dirs,
+    extra_compile_args={"cxx": cxx_flags + ["-DFASTDISTILL_SIMT_EMULATOR=1", "-fvisibility=hidden"]},
+    extra_link_args=["-fopenmp"]))
 
 if shutil.which("ninja") is None:
     print("fastdistill: ninja not found; building without it (slow)")

@@ -24,6 +24,8 @@ def info(_args=None) -> None:
     print(f"cpu features: {' '.join(feats) or '(none detected)'}")
     print(f"cpu isa paths compiled: {', '.join(c.compiled_cpu_isas())}; best for this cpu: {c.best_cpu_isa()}; "
           f"active: {c.active_cpu_isa()} (FASTDISTILL_CPU_ISA overrides)")
+    levels = c.kernel_levels()
+    print("cpu kernels per op family: " + ", ".join(f"{family} {levels[family]}" for family in sorted(levels)))
     if c.built_with_cuda():
         avail = torch.cuda.is_available()
         print(f"cuda: built for {', '.join(c.cuda_archs())} with torch CUDA {torch.version.cuda}; "

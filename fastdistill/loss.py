@@ -82,8 +82,10 @@ class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
                 hard_weight, reduction):
+        grad_scale = 1.0 if reduction in ("sum", "none") else 1.0 / float(_divisor(student, labels, ignore_index,
+                                                                                     reduction))
         row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
-                                                  ignore_index, soft_coef, hard_weight, reduction)
+                                                  ignore_index, soft_coef, hard_weight, grad_scale)
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
         ctx.reduction, ctx.ignore_index = reduction, ignore_index

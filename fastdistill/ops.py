@@ -37,7 +37,7 @@ if _lib_loaded:
 
     @torch.library.register_fake("fastdistill::kd_loss_fused")
     def _kd_loss_fused_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
-                            soft_coef, hard_weight, reduction):
+                            soft_coef, hard_weight, grad_scale):
         loss, stats = _kd_loss_forward_fake(student, teacher, labels, temperature, divergence, beta, ignore_index,
                                             soft_coef, hard_weight)
         return loss, stats, student.new_empty(student.shape)
@@ -71,16 +71,16 @@ if _lib_loaded:
 
 
 def kd_loss_fused(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
-                  reduction):
-    """(row losses, stats, d loss / d student for a unit grad_output of the loss reduced by `reduction`) in
-    one call; no autograd of its own (fastdistill.loss wraps it)."""
+                  grad_scale):
+    """(row losses, stats, d loss / d student when d loss / d row_loss = grad_scale for every row) in one call;
+    no autograd of its own (fastdistill.loss wraps it)."""
     _ext.require("kd_loss_fused", student.device)
     return torch.ops.fastdistill.kd_loss_fused(
         student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index),
-        float(soft_coef), float(hard_weight), reduction)
+        float(soft_coef), float(hard_weight), float(grad_scale))
 
 
-# ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
+# ---------------------------------------------------------------- 2:4 structured sparsity
 def sparse24_pack(values: torch.Tensor, meta: torch.Tensor):
     """Canonical (values [N, K/2], meta uint8 [N, ceil(K/8)]) -> the layout this device's kernels read."""
     _ext.require("sparse24_pack", values.device)
@@ -100,25 +100,20 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     return torch.ops.fastdistill.sparse24_int8_linear(x, values, meta, w_scales, bias)
 
 
-# ---------------------------------------------------------------- int8 quantized inference (issue 3)
-# Schemas: csrc/ops.cpp. CPU kernels: csrc/cpu/int8_*.cpp. The packed weight is opaque and
-# device-specific; int8_packed_numel gives its size so fake kernels can allocate it.
-INT8_CPU_HEADER_BYTES = 64
-INT8_CPU_NBLOCK = 16   # columns per packed tile
-INT8_CPU_KGROUP = 4    # k values per 32-bit lane (VNNI order)
-
-
-def int8_packed_numel(n: int, k: int, device) -> int:
-    """Number of int8 elements of int8_pack_weight's output for an [n, k] weight on `device`."""
-    dev = torch.device(device).type
-    if dev in ("cpu", "meta"):
-        n_pad = -(-n // INT8_CPU_NBLOCK) * INT8_CPU_NBLOCK
-        k_pad = -(-k // INT8_CPU_KGROUP) * INT8_CPU_KGROUP
-        return INT8_CPU_HEADER_BYTES + 4 * n_pad + n_pad * k_pad
-    if dev == "cuda":  # [N, round_up(K, 16)] rows, then K_pad - K zero bytes (so the size alone gives K)
-        k_pad = -(-k // 16) * 16
-        return n * k_pad + (k_pad - k)
-    raise NotImplementedError(f"fastdistill.int8_pack_weight: no packed layout defined for device {dev}")
+# ---------------------------------------------------------------- int8 quantized inference
+def int8_packed_numel(n, k, device):
+    """Number of int8 elements of int8_pack_weight's output for an [n, k] weight on `device` (the packed layout
+    is opaque and device-specific; its constants come from the extension). n and k may be SymInts."""
+    if _ext._C is None:
+        raise RuntimeError(f"fastdistill.int8_pack_weight: the compiled extension failed to load ({_ext.LOAD_ERROR})")
+    try:
+        layout = _ext._C.int8_packed_layout(torch.device(device).type)
+    except ValueError as exc:
+        raise NotImplementedError(str(exc)) from None
+    n_pad = (n + layout["row_block"] - 1) // layout["row_block"] * layout["row_block"]
+    k_pad = (k + layout["k_align"] - 1) // layout["k_align"] * layout["k_align"]
+    tail = k_pad - k if layout["k_tail"] else 0
+    return layout["header"] + n_pad * (layout["row_bytes"] + k_pad) + tail
 
 
 def quantize_per_token(x):

@@ -1,7 +1,7 @@
 """int8 quantized inference: W8A8 dynamic (per-token activations, per-channel weights, int32
 accumulation) and weight-only int8, as nn.Linear drop-ins.
 
-Quantisation (DESIGN.md): symmetric, zero point 0, s = amax / 127, q = clamp(round(x / s), -127, 127)
+Quantisation: symmetric, zero point 0, s = amax / 127, q = clamp(round(x / s), -127, 127)
 (round half to even; an all-zero row has s = 0, q = 0).
 
 Memory: an Int8Linear keeps ONE copy of its weights, the device's packed layout (a non-persistent
@@ -9,13 +9,13 @@ buffer, ~N*K bytes). Its state_dict still holds the canonical int8 [N, K] `weigh
 [N] and fp32 `bias`: `weight` is unpacked on the fly when the state_dict is built, and packed again by
 load_state_dict and by .to()/.cuda() (the packed layout is device-specific).
 """
-import inspect
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from fastdistill import ops
+from fastdistill.convert import FilterFn, convert_modules, register_converter
 
 _MODES = ("dynamic", "weight_only")
 
@@ -138,47 +138,15 @@ class Int8Linear(nn.Module):
         return self
 
 
-def _accepts_mode(method) -> bool:
-    try:
-        return "mode" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
+@register_converter("quantize", nn.Linear)
+def _quantize_linear(module: nn.Linear, mode: str) -> Int8Linear:
+    return Int8Linear.from_float(module, mode=mode)
 
 
-def quantize_(model: nn.Module, mode: str = "dynamic",
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = None) -> nn.Module:
     """Replace, in place, every nn.Linear of `model` (or those for which filter_fn(module, fqn) is
-    true) with an Int8Linear. Modules with a `quantize_int8()` method (fastdistill.SparseLinear: 2:4
-    weights) are converted by calling it, so that 2:4 sparsity and int8 combine; it is passed
-    mode=... when it accepts it, otherwise such modules are only converted in "dynamic" mode.
-    Returns model (or the replacement when model itself is an nn.Linear)."""
+    true) with an Int8Linear, and every fastdistill.SparseLinear with a SparseInt8Linear (2:4 and int8
+    combined; "dynamic" mode only: in "weight_only" mode they stay and are named in the warning).
+    Returns model (or the replacement when model itself is such a layer)."""
     _check_mode(mode)
-
-    def convert(child, fqn):
-        if filter_fn is not None and not filter_fn(child, fqn):
-            return None
-        if isinstance(child, Int8Linear):
-            return None
-        quant = getattr(child, "quantize_int8", None)
-        if callable(quant):
-            if _accepts_mode(quant):
-                out = quant(mode=mode)
-            elif mode == "dynamic":
-                out = quant()
-            else:
-                return None
-            return out if isinstance(out, nn.Module) else child
-        if isinstance(child, nn.Linear):
-            return Int8Linear.from_float(child, mode=mode)
-        return None
-
-    top = convert(model, "")
-    if top is not None:
-        return top
-    for fqn, module in list(model.named_modules()):
-        for name, child in list(module.named_children()):
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            new = convert(child, child_fqn)
-            if new is not None and new is not child:
-                setattr(module, name, new)
-    return model
+    return convert_modules(model, "quantize", filter_fn, mode=mode)

@@ -80,7 +80,7 @@ def kd_jsd_eager(student, teacher, temperature=1.0, beta=0.5):
     return (beta * kl_p + (1 - beta) * kl_q) / rows * temperature * temperature
 
 
-# ---------------------------------------------------------------- 2:4 structured sparsity (issue 4)
+# ---------------------------------------------------------------- 2:4 structured sparsity
 def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=None):
     """y = x @ W^T (+ bias) with W = decompress_2_4(values, meta) (times w_scales per row for int8
     values, in which case x is quantized per token first), computed in `dtype` (default x.dtype)."""
@@ -97,7 +97,16 @@ def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=N
         y = y + bias.to(dtype)
     return y
 
-# ---------------------------------------------------------------- int8 quantized inference (issue 3)
+
+def compressed_2_4_sample(dense: torch.Tensor):
+    """A test weight in the canonical 2:4 format: (values, meta, the pruned dense weight), pruned by magnitude."""
+    from fastdistill.sparse import compress_2_4, decompress_2_4
+
+    values, meta = compress_2_4(dense)
+    return values, meta, decompress_2_4(values, meta)
+
+
+# ---------------------------------------------------------------- int8 quantized inference
 def quantize_symmetric_reference(x: torch.Tensor):
     """Per-row symmetric int8: s = amax / 127 (fp32), q = clamp(round(x / s), -127, 127), s = 0 -> q = 0."""
     xf = x.float()

@@ -19,7 +19,12 @@ def run_cli(*args, timeout=600):
 def test_info_reports_build():
     out = run_cli("info")
     assert f"torch {torch.__version__}" in out
-    assert "cpu isa paths compiled: avx512, avx2, scalar" in out or "scalar" in out
+    c = fastdistill._ext._C
+    assert f"cpu isa paths compiled: {', '.join(c.compiled_cpu_isas())}; best for this cpu: {c.best_cpu_isa()}" in out
+    with fastdistill.cpu_isa("avx2"):
+        levels = c.kernel_levels()
+    assert levels == {"int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
+    assert "cpu kernels per op family: int8 " in out and "kd_loss " in out and "sparse24 " in out
     assert "kd_loss_forward" in out and "cpu" in out
     assert "cuda:" in out
 
@@ -83,3 +88,30 @@ def test_bench_quick_json_has_every_declared_case(tmp_path):
 def test_bench_rejects_unknown_family():
     out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True, text=True)
     assert out.returncode != 0 and "--only takes kd,int8,sparse, got fft" in out.stderr
+
+
+def test_readme_generator_writes_summary_and_results(tmp_path):
+    import json
+
+    from fastdistill.bench.readme import SUMMARY, SUMMARY_END, SUMMARY_START, main
+
+    op, shape, dtype = SUMMARY[0]
+    row = {"op": op, "shape": shape, "dtype": dtype, "cold": False, "flops": 0, "bytes": 2e9, "roofline_s": 0.05,
+           "fastdistill": {"median": 0.1}, "baselines": {"eager": {"median": 0.5}, "torch.compile": {"median": 0.3}}}
+    other = dict(row, op="not in the summary")
+    data = {"quick": True, "results": [row, other], "memory": [],
+            "machine": {"processor": "Test CPU", "machine": "x86_64", "threads": 2, "torch": "2.x",
+                        "limits": {"mem_gbps": 20.0, "fp32_gflops": 100.0, "int8_gops": 400.0}}}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{SUMMARY_START}\nstale text\n{SUMMARY_END}\noutro\n")
+    main([str(tmp_path / "r.json"), "--results", str(tmp_path / "RESULTS.md"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "stale text" not in text and text.startswith("intro\n") and text.endswith("outro\n") and "Test CPU" in text
+    assert f"| {op} | {shape} | {dtype} | 100.00 ms | torch.compile 300.00 ms | 3.00x | 20.0 GB/s | 50% |" in text
+    assert "not in the summary" not in text
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "not in the summary" in results and "eager 500.00 ms | 5.00x" in results
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="has no <!-- perf-summary:start -->"):
+        main([str(tmp_path / "r.json"), "--results", str(tmp_path / "RESULTS.md"), "--readme", str(readme)])

@@ -5,7 +5,7 @@ import torch
 
 import fastdistill
 from fastdistill import ops
-from fastdistill.reference import kd_loss_reference
+from fastdistill.reference import compressed_2_4_sample, kd_loss_reference, quantize_symmetric_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -111,12 +111,6 @@ def _int8_ops_built():
         return False
 
 
-def _quant_ref(x):
-    xf = x.float()
-    s = xf.abs().amax(-1) / 127
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.where(s[..., None] > 0, torch.round(xf / safe[..., None]), torch.zeros_like(xf))
-    return q.clamp(-127, 127).to(torch.int8), s
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 128])
@@ -141,7 +135,7 @@ def test_int8_linear_cuda(M, K, N, dtype):
     refo = x.double() @ (wq.double() * ws.double()[:, None]).T + b.double()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(yo.double(), refo, rtol=tol, atol=tol)
-    qx, _ = _quant_ref(x)
+    qx, _ = quantize_symmetric_reference(x)
     assert torch.equal(ops8.int8_gemm_s32(qx, wq).long().cpu(), qx.long().cpu() @ wq.long().cpu().T)
 
 
@@ -168,17 +162,6 @@ def _sparse_ops_built():
         return False
 
 
-def _compress_2_4(dense):
-    N, K = dense.shape
-    g = dense.reshape(N, K // 4, 4)
-    idx = g.float().abs().topk(2, dim=-1).indices.sort(-1).values
-    values = g.gather(-1, idx).reshape(N, K // 2).contiguous()
-    codes = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.int32)
-    if codes.shape[1] % 2:
-        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], 1)
-    meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    pruned = torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(N, K)
-    return values, meta, pruned
 
 
 @pytest.mark.parametrize("M", [1, 5, 16, 64])
@@ -188,7 +171,7 @@ def test_sparse24_linear_cuda(M, K, N, vdtype):
     if not _sparse_ops_built():
         pytest.skip("2:4 schemas not in this build")
     ops4 = torch.ops.fastdistill
-    values, meta, pruned = _compress_2_4(torch.randn(N, K, device="cuda").to(vdtype))
+    values, meta, pruned = compressed_2_4_sample(torch.randn(N, K, device="cuda").to(vdtype))
     pv, pm = ops4.sparse24_pack(values, meta)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     y = ops4.sparse24_linear(x, pv, pm, None)
@@ -201,7 +184,7 @@ def test_sparse24_int8_and_opcheck_cuda():
         pytest.skip("2:4 schemas not in this build")
     ops4 = torch.ops.fastdistill
     wq, ws = ops4.quantize_per_channel(torch.randn(32, 256, device="cuda"))
-    values, meta, pruned = _compress_2_4(wq)
+    values, meta, pruned = compressed_2_4_sample(wq)
     x = torch.randn(3, 256, device="cuda")
     y = ops4.sparse24_int8_linear(x, values, meta, ws, None)
     y_cpu = ops4.sparse24_int8_linear(x.cpu(), values.cpu(), meta.cpu(), ws.cpu(), None)

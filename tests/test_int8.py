@@ -241,20 +241,25 @@ def test_quantize_transformer_mlp(mode):
     assert y.shape == ref.shape and _rel(y, ref) < 0.05
 
 
-def test_quantize_calls_quantize_int8_on_sparse_like_modules():
-    class FakeSparse(nn.Module):  # duck-typed stand-in for fastdistill.SparseLinear
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
+def test_quantize_uses_the_converter_registry_and_exact_types():
+    from fastdistill.convert import _CONVERTERS, register_converter
 
-        def quantize_int8(self):
-            self.calls += 1
-            return nn.Identity()
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
 
-    model = nn.Sequential(FakeSparse(), nn.Linear(4, 4))
-    sparse = model[0]
-    quantize_(model)
-    assert sparse.calls == 1 and isinstance(model[0], nn.Identity) and isinstance(model[1], Int8Linear)
+    class LinearSubclass(nn.Linear):  # e.g. attention's out_proj: its owner reads .weight directly
+        pass
+
+    calls = []
+    register_converter("quantize", Custom)(lambda mod, mode: calls.append(mode) or nn.Identity())
+    try:
+        model = nn.Sequential(Custom(), nn.Linear(4, 4), LinearSubclass(4, 4))
+        quantize_(model, mode="weight_only")
+    finally:
+        del _CONVERTERS["quantize"][Custom]
+    assert calls == ["weight_only"] and isinstance(model[0], nn.Identity)
+    assert isinstance(model[1], Int8Linear) and type(model[2]) is LinearSubclass
 
 
 def test_state_dict_contents_and_memory():

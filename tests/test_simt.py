@@ -3,20 +3,14 @@ the fp64 references; plus tests of the emulator itself (it must expose missing s
 import pytest
 import torch
 
-from fastdistill.reference import kd_loss_reference
+import fastdistill._simt  # noqa: F401  (registers torch.ops.fastdistill_simt; built with the package)
+from fastdistill.reference import compressed_2_4_sample, kd_loss_reference, quantize_symmetric_reference
 
-simt = pytest.importorskip("fastdistill._simt", reason="fastdistill._simt (emulator test build) is not built")
 ops = torch.ops.fastdistill_simt
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _has_cpu(op):
-    """Whether the CPU op (another branch's work) is in this build, to compare against it."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdistill::{op}", "CPU")
-    except RuntimeError:  # the schema itself is not in this build
-        return False
 
 
 # ------------------------------------------------------------------------------------ the emulator
@@ -207,8 +201,6 @@ def test_kd_loss_schedules_agree():
 
 
 def test_kd_loss_matches_cpu_op():
-    if not _has_cpu("kd_loss_forward"):
-        pytest.skip("the CPU kd_loss op is not in this build yet")
     for div, beta, hw in [("forward_kl", 0.5, 0.0), ("reverse_kl", 0.5, 0.5), ("jsd", 0.3, 1.0)]:
         s, t = torch.randn(6, 1003).bfloat16(), torch.randn(6, 1003)
         lab = torch.randint(0, 1003, (6,))
@@ -251,13 +243,6 @@ def test_kd_loss_errors():
 
 
 # --------------------------------------------------------------------------------------------- int8
-def _quant_ref(x):
-    """Symmetric per-row int8: s = amax / 127, q = clamp(round_half_even(x / s), -127, 127); zero rows -> 0."""
-    xf = x.float()
-    s = xf.abs().amax(-1) / 127
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.where(s[..., None] > 0, torch.round(xf / safe[..., None]), torch.zeros_like(xf))
-    return q.clamp(-127, 127).to(torch.int8), s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -268,11 +253,10 @@ def test_int8_quantize_per_token(dtype, shape):
         x[1] = 0  # a zero row: s = 0, q = 0
     x.view(-1)[0] = 2.5 * (x.abs().max().float() / 127).to(dtype)  # a tie is likely somewhere: rne
     q, s = ops.quantize_per_token(x)
-    qr, sr = _quant_ref(x)
+    qr, sr = quantize_symmetric_reference(x)
     assert torch.equal(q, qr) and torch.equal(s, sr)
-    if _has_cpu("quantize_per_token"):
-        qc, sc = torch.ops.fastdistill.quantize_per_token(x)
-        assert torch.equal(q, qc) and torch.equal(s, sc)
+    qc, sc = torch.ops.fastdistill.quantize_per_token(x)
+    assert torch.equal(q, qc) and torch.equal(s, sc)
 
 
 def test_int8_quantize_per_channel_rejects_nonfinite():
@@ -295,11 +279,11 @@ def test_int8_quantize_per_channel_rejects_nonfinite():
 def test_int8_linear(M, N, K, int_mm):
     w = torch.randn(N, K)
     wq, ws = ops.quantize_per_channel(w)
-    assert torch.equal(wq, _quant_ref(w)[0]) and torch.equal(ws, _quant_ref(w)[1])
+    assert torch.equal(wq, quantize_symmetric_reference(w)[0]) and torch.equal(ws, quantize_symmetric_reference(w)[1])
     packed = ops.int8_pack_weight(wq)
     assert packed.dim() == 1 and torch.equal(ops.int8_unpack_weight(packed, N, K), wq)
     x, b = torch.randn(M, K), torch.randn(N)
-    qx, sx = _quant_ref(x)
+    qx, sx = quantize_symmetric_reference(x)
     acc = qx.long() @ wq.long().T
     assert torch.equal(ops.int8_gemm_s32(qx, wq, int_mm).long(), acc)
     for bias in (b, None):
@@ -311,12 +295,11 @@ def test_int8_linear(M, N, K, int_mm):
         yo = ops.int8_weight_only_linear(x, packed, ws, bias, int_mm)
         refo = x.double() @ (wq.double() * ws.double()[:, None]).T + (bias.double() if bias is not None else 0)
         torch.testing.assert_close(yo.double(), refo, rtol=1e-5, atol=1e-5)
-        if _has_cpu("int8_linear"):
-            cpu_packed = torch.ops.fastdistill.int8_pack_weight(wq)
-            y_cpu = torch.ops.fastdistill.int8_linear(x, cpu_packed, ws, bias)
-            assert torch.equal(y, y_cpu)  # bit-identical: same quantisation, exact int32 sums, same epilogue
-            yo_cpu = torch.ops.fastdistill.int8_weight_only_linear(x, cpu_packed, ws, bias)
-            torch.testing.assert_close(yo, yo_cpu, rtol=1e-5, atol=1e-5)
+        cpu_packed = torch.ops.fastdistill.int8_pack_weight(wq)
+        y_cpu = torch.ops.fastdistill.int8_linear(x, cpu_packed, ws, bias)
+        assert torch.equal(y, y_cpu)  # bit-identical: same quantisation, exact int32 sums, same epilogue
+        yo_cpu = torch.ops.fastdistill.int8_weight_only_linear(x, cpu_packed, ws, bias)
+        torch.testing.assert_close(yo, yo_cpu, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -328,7 +311,7 @@ def test_int8_linear_dtypes_and_batch_shape(dtype):
     b = torch.randn(12).to(dtype)
     y = ops.int8_linear(x, packed, ws, b)
     assert y.shape == (2, 3, 12) and y.dtype == dtype
-    qx, sx = _quant_ref(x.reshape(6, 48))
+    qx, sx = quantize_symmetric_reference(x.reshape(6, 48))
     ref = ((qx.long() @ wq.long().T).float() * (sx[:, None] * ws[None]) + b.float()).to(dtype).view(2, 3, 12)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     yo = ops.int8_weight_only_linear(x, packed, ws, b)
@@ -350,20 +333,6 @@ def test_int8_errors():
 
 
 # ---------------------------------------------------------------------------------------------- 2:4
-def _compress_2_4(dense):
-    """Canonical 2:4 format of a [N, K] weight (keeps the 2 largest |w| of each group of 4 columns):
-    values [N, K/2] in ascending column order, meta uint8 [N, ceil(K/8)] (idx0 | idx1 << 2 per group,
-    two groups per byte, low nibble first). Returns (values, meta, the pruned dense weight)."""
-    N, K = dense.shape
-    g = dense.reshape(N, K // 4, 4)
-    idx = g.float().abs().topk(2, dim=-1).indices.sort(-1).values  # [N, G, 2]
-    values = g.gather(-1, idx).reshape(N, K // 2)
-    codes = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.int32)  # [N, G]
-    if codes.shape[1] % 2:
-        codes = torch.cat([codes, torch.zeros(N, 1, dtype=torch.int32)], 1)
-    meta = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
-    return values.contiguous(), meta, torch.where(mask, g, torch.zeros_like(g)).reshape(N, K)
 
 
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -378,7 +347,7 @@ def _compress_2_4(dense):
 @pytest.mark.parametrize("dense_fallback", [True, False])
 def test_sparse24_linear(vdtype, M, N, K, dense_fallback):
     w = torch.randn(N, K).to(vdtype)
-    values, meta, pruned = _compress_2_4(w)
+    values, meta, pruned = compressed_2_4_sample(w)
     assert torch.equal(ops.sparse24_decompress(values, meta), pruned)
     pv, pm = ops.sparse24_pack(values, meta)
     x, b = torch.randn(M, K), torch.randn(N)
@@ -392,32 +361,31 @@ def test_sparse24_linear(vdtype, M, N, K, dense_fallback):
         tol = torch.finfo(xdt).eps + lowp * 4 + 1e-6
         scale = (xx.double().abs() @ pruned.double().abs().T + b.double().abs()).max()
         assert (y.double() - ref).abs().max() <= tol * scale * 2, ((y.double() - ref).abs().max(), scale)
-        if _has_cpu("sparse24_linear") and vdtype != torch.float16:
-            y_cpu = torch.ops.fastdistill.sparse24_linear(xx, values, meta, b)
-            assert (y.double() - y_cpu.double()).abs().max() <= tol * scale * 2
+        y_cpu = torch.ops.fastdistill.sparse24_linear(xx, values, meta, b)
+        assert (y.double() - y_cpu.double()).abs().max() <= tol * scale * 2
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 3, 12), (4, 9, 64), (16, 5, 1024), (20, 8, 64), (18, 3, 36)])
 @pytest.mark.parametrize("dense_fallback", [True, False])
 def test_sparse24_int8_linear(M, N, K, dense_fallback):
     wq, ws = ops.quantize_per_channel(torch.randn(N, K))
-    values, meta, pruned = _compress_2_4(wq)
+    values, meta, pruned = compressed_2_4_sample(wq)
     x, b = torch.randn(M, K), torch.randn(N)
-    qx, sx = _quant_ref(x)
+    qx, sx = quantize_symmetric_reference(x)
     acc = qx.long() @ pruned.long().T
     for bias in (b, None):
         y = ops.sparse24_int8_linear(x, values, meta, ws, bias, dense_fallback)
         # the CPU op's epilogue in fp32: float(acc) * (s_x * s_w) + bias
         ref = acc.float() * (sx[:, None] * ws[None]) + (bias if bias is not None else 0)
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
-        if _has_cpu("sparse24_int8_linear") and not (dense_fallback and M > 16):
+        if not (dense_fallback and M > 16):
             # same exact int32 sums; the CPU's SIMD epilogues may fuse the multiply-add (1 ulp)
             y_cpu = torch.ops.fastdistill.sparse24_int8_linear(x, values, meta, ws, bias)
             torch.testing.assert_close(y, y_cpu, rtol=1e-6, atol=1e-6)
 
 
 def test_sparse24_errors():
-    values, meta, _ = _compress_2_4(torch.randn(4, 16))
+    values, meta, _ = compressed_2_4_sample(torch.randn(4, 16))
     with pytest.raises(RuntimeError, match="K \\(x.size\\(-1\\)\\) to be a multiple of 4"):
         ops.sparse24_linear(torch.randn(2, 15), values, meta, None)
     with pytest.raises(RuntimeError, match="values must be \\[N, K/2\\]"):

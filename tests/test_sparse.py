@@ -122,7 +122,7 @@ def test_semi_structured_tensor_from_our_conversion(dtype):
 
 
 def test_sparse_linear_semi_structured_only_on_cuda():
-    from fastdistill.sparse import _semi_structured_shape_ok
+    from fastdistill.sparse.format import semi_structured_shape_ok as _semi_structured_shape_ok
     layer = fd.SparseLinear.from_dense(nn.Linear(128, 64).bfloat16())
     assert not layer._semi_structured_applies(torch.randn(64, 128, dtype=torch.bfloat16))  # CPU tensors
     assert "_semi_structured_cache" not in layer.__dict__
@@ -247,7 +247,7 @@ def test_opcheck():
 def test_torch_compile():
     lin = nn.Linear(32, 12)
     sp = fd.SparseLinear.from_dense(lin)
-    q = sp.quantize_int8()
+    q = SparseInt8Linear.from_sparse(sp)
     x = torch.randn(2, 5, 32)
     for mod in (sp, q):
         compiled = torch.compile(mod, fullgraph=True)
@@ -263,8 +263,19 @@ def test_sparse_linear_module(isa):
     x = torch.randn(3, 40)
     assert torch.allclose(sp(x), nn.functional.linear(x, w, lin.bias), atol=1e-5)
     assert set(sp.state_dict()) == {"values", "meta", "bias"}
-    bf = fd.SparseLinear.from_dense(nn.Linear(40, 10, bias=False).bfloat16())
-    assert bf(x.bfloat16()).dtype == torch.bfloat16 and bf.bias is None
+    for dtype in (torch.bfloat16, torch.float16):
+        low = fd.SparseLinear.from_dense(nn.Linear(40, 10, bias=False).to(dtype))
+        assert low(x.to(dtype)).dtype == dtype and low.bias is None
+        ref = nn.functional.linear(x.to(dtype).double(), low.to_dense().double())
+        assert (low(x.to(dtype)).double() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_quantize_weight_only_leaves_sparse_layers_and_names_them():
+    model = nn.Sequential(fd.SparseLinear.from_dense(nn.Linear(16, 8)), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"quantize_: left 1 layer\(s\) unconverted: 0 \(2:4 layers have no "
+                                         r"weight_only int8 kernel"):
+        fd.quantize_(model, mode="weight_only")
+    assert isinstance(model[0], fd.SparseLinear) and isinstance(model[1], fd.Int8Linear)
 
 
 def test_int8_module_and_state_dict():
@@ -273,9 +284,8 @@ def test_int8_module_and_state_dict():
     assert all(isinstance(model[i], fd.SparseLinear) for i in (0, 2))
     x = torch.randn(4, 64)
     dense_out = model(x)
-    model[0] = model[0].quantize_int8()
-    model[2] = model[2].quantize_int8()
-    assert isinstance(model[0], SparseInt8Linear)
+    fd.quantize_(model)
+    assert isinstance(model[0], SparseInt8Linear) and isinstance(model[2], SparseInt8Linear)
     assert set(model[0].state_dict()) == {"values", "meta", "scales", "bias"}
     out = model(x)
     assert (out - dense_out).abs().max() < 0.05 * dense_out.abs().max() + 0.05
@@ -396,8 +406,8 @@ def test_errors():
     bad[0, 0] = 0x11  # idx0 == idx1
     with pytest.raises(ValueError, match="meta is invalid"):
         fd.decompress_2_4(values, bad)
-    with pytest.raises(TypeError, match="float32 or bfloat16"):
-        fd.SparseLinear.from_dense(nn.Linear(8, 4).half())
+    with pytest.raises(TypeError, match="SparseLinear.from_dense: the weight must be float32, bfloat16 or float16, got torch.float64"):
+        fd.SparseLinear.from_dense(nn.Linear(8, 4).double())
     x = torch.randn(2, 16)
     with pytest.raises(RuntimeError, match="multiple of 4, got K=18"):
         ops.sparse24_linear(torch.randn(2, 18), torch.randn(3, 9), torch.zeros(3, 3, dtype=torch.uint8), None)
@@ -409,9 +419,9 @@ def test_errors():
         ops.sparse24_linear(x, values, meta.to(torch.int8), None)
     with pytest.raises(RuntimeError, match="bias must be"):
         ops.sparse24_linear(x, values, meta, torch.randn(4))
-    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
-        ops.sparse24_linear(x.half(), values, meta, None)
-    with pytest.raises(RuntimeError, match="values must be float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="sparse24_linear: x must be float32, bfloat16 or float16, got Double"):
+        ops.sparse24_linear(x.double(), values, meta, None)
+    with pytest.raises(RuntimeError, match="sparse24_linear: values must be float32, bfloat16 or float16"):
         ops.sparse24_linear(x, values.to(torch.int8), meta, None)
     with pytest.raises(RuntimeError, match="values must be int8"):
         ops.sparse24_int8_linear(x, values, meta, torch.ones(3), None)

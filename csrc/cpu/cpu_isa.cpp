@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
 
@@ -13,7 +13,7 @@ namespace {
 
 CpuFeatures detect() {
   CpuFeatures f;
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
   __builtin_cpu_init();
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
@@ -31,26 +31,17 @@ CpuFeatures detect() {
   return f;
 }
 
-bool supports(CpuIsa isa) {
-  const CpuFeatures& f = cpu_features();
-  switch (isa) {
-    case CpuIsa::scalar: return true;
-    case CpuIsa::avx2: return f.avx2 && f.fma && f.f16c && f.bmi2;
-    case CpuIsa::avx512: return supports(CpuIsa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
-  }
-  return false;
-}
+constexpr const char* kChoices = "auto, avx512bf16, avx512, avx2, scalar";
 
 CpuIsa parse(const std::string& name, const char* origin) {
-  if (name == "scalar") return CpuIsa::scalar;
-  if (name == "avx2") return CpuIsa::avx2;
-  if (name == "avx512") return CpuIsa::avx512;
-  throw std::invalid_argument(std::string("fastdistill: ") + origin +
-                              " must be one of auto, avx512, avx2, scalar; got '" + name + "'");
+  for (int i = 0; i < kNumIsas; ++i)
+    if (name == isa_name(CpuIsa(i))) return CpuIsa(i);
+  throw std::invalid_argument(std::string("fastdistill: ") + origin + " must be one of " + kChoices + "; got '" +
+                              name + "'");
 }
 
 CpuIsa checked(CpuIsa isa, const char* origin) {
-  if (!supports(isa))
+  if (!isa_supported(isa))
     throw std::runtime_error(std::string("fastdistill: ") + origin + " asks for the " + isa_name(isa) +
                              " path, which this CPU cannot run (best available: " +
                              isa_name(best_supported_isa()) + ")");
@@ -72,9 +63,22 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
+bool isa_supported(CpuIsa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case CpuIsa::scalar: return true;
+    case CpuIsa::avx2: return f.avx2 && f.fma && f.f16c && f.bmi2;
+    case CpuIsa::avx512:
+      return isa_supported(CpuIsa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni &&
+             f.avx512vbmi;
+    case CpuIsa::avx512bf16: return isa_supported(CpuIsa::avx512) && f.avx512bf16;
+  }
+  return false;
+}
+
 CpuIsa best_supported_isa() {
-  for (CpuIsa isa : {CpuIsa::avx512, CpuIsa::avx2})
-    if (supports(isa)) return isa;
+  for (int i = kNumIsas - 1; i > 0; --i)
+    if (isa_supported(CpuIsa(i))) return CpuIsa(i);
   return CpuIsa::scalar;
 }
 
@@ -100,19 +104,20 @@ const char* isa_name(CpuIsa isa) {
     case CpuIsa::scalar: return "scalar";
     case CpuIsa::avx2: return "avx2";
     case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx512bf16: return "avx512bf16";
   }
   return "?";
 }
 
 std::vector<std::string> compiled_isas() {
 #if defined(__x86_64__)
-  return {"avx512", "avx2", "scalar"};
+  return {"avx512bf16", "avx512", "avx2", "scalar"};
 #else
   return {"scalar"};
 #endif
 }
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
 constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
 FlushDenormals::FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
 FlushDenormals::~FlushDenormals() { _mm_setcsr(saved_); }

@@ -1,13 +1,25 @@
-// Runtime CPU ISA selection. Every op family asks for the active level once per call; the level is
-// chosen at first use from FASTDISTILL_CPU_ISA (avx512 | avx2 | scalar | auto) and the CPU's
-// features, and can be changed at run time (tests run every path in one process).
+// Runtime CPU ISA selection, and the one dispatch pattern every op family uses: a kernel table per ISA level,
+// picked from the level in force. The level is chosen at first use from FASTDISTILL_CPU_ISA (auto | avx512bf16 |
+// avx512 | avx2 | scalar) and the CPU's features, and can be changed at run time (tests run every path in one
+// process).
+//
+// Levels, each a superset of the one below:
+//   scalar      portable C++
+//   avx2        AVX2 + FMA + F16C + BMI2
+//   avx512      AVX-512 F/BW/VL/DQ + VNNI + VBMI (Ice Lake, Zen 4 and later: the int8 and 2:4 kernels need the
+//               last two, so a CPU without them runs avx2 and says so)
+//   avx512bf16  avx512 + AVX512_BF16 (native bf16 conversions and dot products: Zen 4, Sapphire Rapids)
+// Adding a level: one enum value, its feature test, and an entry in the families' tables that have a kernel
+// for it (the others fall back to the level below).
 #pragma once
+#include <array>
 #include <string>
 #include <vector>
 
 namespace fastdistill::cpu {
 
-enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+constexpr int kNumIsas = 4;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, bmi2 = false;
@@ -16,18 +28,39 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
+bool isa_supported(CpuIsa isa);
 CpuIsa best_supported_isa();
 // The level in force: the requested one (env var or set_cpu_isa), else the best supported.
 CpuIsa active_isa();
 // Sets the level ("auto" restores the default). Throws if the CPU cannot run it.
 void set_cpu_isa(const std::string& name);
 const char* isa_name(CpuIsa isa);
+// Every compiled level, best first.
 std::vector<std::string> compiled_isas();
 
-// While alive, this thread flushes denormal results to zero and reads denormal inputs as zero (MXCSR
-// FTZ + DAZ; nothing on other CPUs). Exponentials of very negative arguments (the -inf logits of a masked
-// vocabulary, the -inf fill of a row's tail lanes) otherwise underflow into denormals, and each one costs a
-// microcode assist of ~150 cycles: the tail of a 1000-wide row alone cost 30% of the loss's time.
+// A family's kernel table for each level (index = CpuIsa); a null entry means "the level below".
+template <class Kernels>
+using IsaTables = std::array<const Kernels*, kNumIsas>;
+
+// The table of the level in force, or of the nearest level below that has one.
+template <class Kernels>
+const Kernels& kernels_for(const IsaTables<Kernels>& tables, CpuIsa isa = active_isa()) {
+  for (int i = int(isa); i > 0; --i)
+    if (tables[i] != nullptr) return *tables[i];
+  return *tables[0];
+}
+
+// The level whose table kernels_for would use (what `fastdistill info` reports per family).
+template <class Kernels>
+CpuIsa kernels_level(const IsaTables<Kernels>& tables, CpuIsa isa = active_isa()) {
+  for (int i = int(isa); i > 0; --i)
+    if (tables[i] != nullptr) return CpuIsa(i);
+  return CpuIsa::scalar;
+}
+
+// While alive, this thread flushes denormal results to zero and reads denormal inputs as zero (MXCSR FTZ + DAZ;
+// nothing on other CPUs). Exponentials of very negative arguments (the -inf logits of a masked vocabulary, the
+// -inf fill of a row's tail lanes) otherwise underflow into denormals, and each costs a microcode assist.
 class FlushDenormals {
  public:
   FlushDenormals();

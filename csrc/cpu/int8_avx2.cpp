@@ -1,19 +1,15 @@
-// int8 CPU kernels: AVX2 path. vpmaddubsw would saturate (u8 x s8 pair sums reach 64770), so the
+// int8 CPU kernels, avx2 level. vpmaddubsw would saturate (u8 x s8 pair sums reach 64770), so the
 // dynamic GEMM sign-extends both operands to int16 and uses vpmaddwd (pair sums <= 2 * 127 * 127:
 // exact), accumulating in int32. Weight-only widens int8 -> fp32 and uses fma.
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <immintrin.h>
-
+#include "cpu/simd/prelude.h"
 #include "cpu/int8_kernels.h"
 
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,f16c,bmi2")
+FASTDISTILL_TARGET_AVX2
 
 namespace fastdistill::cpu::int8::avx2 {
 
-#include "cpu/int8_common.inc"
+#include "cpu/int8_per_isa.inc"
 
 namespace {
 
@@ -103,6 +99,8 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
     }
   }
 }
+
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, false, gemm_wo, nullptr};
 
 }  // namespace fastdistill::cpu::int8::avx2
 

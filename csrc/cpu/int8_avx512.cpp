@@ -1,28 +1,22 @@
-// int8 CPU kernels: AVX-512 path. Dynamic W8A8 uses VNNI (vpdpbusd, u8 x s8 with activations
-// shifted by +128 and the packed per-column compensation 128 * sum_k w subtracted: exact int32).
-// Weight-only uses AVX-512F (int8 -> fp32 on the fly, fma). The glue only picks gemm_s8 here when
-// the CPU has avx512vnni, and passes bf16 activations to gemm_wo only when it has avx512bf16.
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <immintrin.h>
-#include <type_traits>
-
+// int8 CPU kernels, avx512 level. Dynamic W8A8 uses VNNI (vpdpbusd, u8 x s8 with activations shifted by +128
+// and the packed per-column compensation 128 * sum_k w subtracted: exact int32). Weight-only widens int8 to fp32
+// (on the fly for few rows, per weight slice for many) and uses FMAs.
+#include "cpu/simd/prelude.h"
 #include "cpu/int8_kernels.h"
 
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c,bmi2")
+FASTDISTILL_TARGET_AVX512
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_undefined_*
 
 namespace fastdistill::cpu::int8::avx512 {
 
-#include "cpu/int8_common.inc"
+#include "cpu/int8_per_isa.inc"
 
 namespace {
 
 constexpr int kMR = 6;    // rows per micro-tile
 constexpr int kNBLK = 4;  // 16-column blocks per micro-tile (64 columns)
-constexpr int64_t kMC = 96;  // rows whose sums stay in a stack tile while K is swept in slices
+constexpr int64_t kMC = kTileRows;  // rows whose sums stay in a stack tile while K is swept in slices
 
 inline __m512 load16(DType dt, const void* base, int64_t i, __mmask16 mask) {
   switch (dt) {
@@ -98,20 +92,6 @@ constexpr UKernel pick(int nblk) {
                                                                                      : ukernel_vnni<MR, 4>;
 }
 
-// Calls f(std::integral_constant<int, MR>) for a tile height mr in 1..6 (6 and above: 6), so each
-// micro-kernel family picks its instantiation with one switch.
-template <class F>
-auto with_rows(int mr, F&& f) {
-  switch (mr) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    default: return f(std::integral_constant<int, 6>{});
-  }
-}
-
 UKernel kernel_for(int mr, int nblk) {
   return with_rows(mr, [nblk](auto rows) { return pick<decltype(rows)::value>(nblk); });
 }
@@ -145,7 +125,7 @@ void ukernel_wo(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, 
 
 // Weight-only, larger M: dequantise a 64-column x kKCW-k slice of the packed weights into fp32
 // [k][64] once, then run an fp32 register-blocked micro-kernel (MR rows x 64 columns) over it.
-constexpr int64_t kKCW = 256;
+constexpr int64_t kKCW = kWoSliceK;
 
 void dequant_slice(const int8_t* bp, int64_t bstride, int nblk, int64_t g0, int64_t g, float* buf) {
   // Lane (c, u) of a 16-byte quarter = column c, k offset u; reorder to (u, c).
@@ -217,80 +197,6 @@ void gemm_wo_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int6
   }
 }
 
-// Weight-only with bf16 activations: int8 -> bf16 is exact and bf16 x bf16 products are exact in
-// fp32, so vdpbf16ps (2 products per lane per instruction) loses nothing against fp32 FMAs on bf16
-// inputs. Slice layout: [k / 2][64 columns] dwords, each two bf16 weights (k even, k odd).
-void dequant_slice_bf16(const int8_t* bp, int64_t bstride, int nblk, int64_t g0, int64_t g, uint32_t* buf) {
-  const __m256i deint = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  for (int j = 0; j < 4; ++j) {
-    if (j >= nblk) {
-      for (int64_t kp = 0; kp < g * 2; ++kp) _mm512_storeu_si512(buf + kp * 64 + j * 16, _mm512_setzero_si512());
-      continue;
-    }
-    const int8_t* src = bp + j * bstride + g0 * 64;
-    for (int64_t gg = 0; gg < g; ++gg) {
-      _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
-        // 4 columns x 4 k -> 16 bf16 in (column, k) order = dwords (c, pair); split the pairs.
-        const __m512 v = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + gg * 64 + q * 16))));
-        const __m256i h = _mm256_permutevar8x32_epi32((__m256i)_mm512_cvtneps_pbh(v), deint);
-        uint32_t* dst = buf + gg * 2 * 64 + j * 16 + q * 4;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(h));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64), _mm256_extracti128_si256(h, 1));
-      }
-    }
-  }
-}
-
-template <int MR>
-void ukernel_bf16(const bf16_t* x, int64_t ldx, const uint32_t* buf, int64_t kpairs, float* c, bool accumulate) {
-  __m512 acc[MR][4];
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j)
-      acc[i][j] = accumulate ? _mm512_loadu_ps(c + i * 64 + j * 16) : _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < kpairs; ++kp) {
-    __m512bh bv[4];
-    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(buf + kp * 64 + j * 16);
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      int32_t x2;
-      std::memcpy(&x2, x + i * ldx + 2 * kp, 4);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(x2);
-      _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + i * 64 + j * 16, acc[i][j]);
-}
-
-using BKernel = void (*)(const bf16_t*, int64_t, const uint32_t*, int64_t, float*, bool);
-BKernel bkernel_for(int mr) {
-  return with_rows(mr, [](auto rows) -> BKernel { return ukernel_bf16<decltype(rows)::value>; });
-}
-
-void gemm_wo_bf16_panels(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  alignas(64) float c[kMC * 64];
-  alignas(64) uint32_t buf[kKCW / 2 * 64];
-  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB, kcg = kKCW / kKG;
-  for (int64_t b = nb0; b < nb1; b += kNBLK) {
-    const int nblk = int(std::min<int64_t>(kNBLK, nb1 - b));
-    const int8_t* bp = p.w + b * bstride;
-    const int64_t n0 = b * kNB, cols = std::min<int64_t>(nblk * kNB, p.n - n0);
-    for (int64_t mc = m0; mc < m1; mc += kMC) {
-      const int64_t mc1 = std::min(m1, mc + kMC);
-      if (groups == 0) std::memset(c, 0, sizeof(c));
-      for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
-        const int64_t g = std::min(kcg, groups - g0);
-        dequant_slice_bf16(bp, bstride, nblk, g0, g, buf);
-        for (int64_t m = mc; m < mc1; m += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, mc1 - m));
-          bkernel_for(mr)(p.xb + m * p.ldx + g0 * kKG, p.ldx, buf, g * 2, c + (m - mc) * 64, g0 > 0);
-        }
-      }
-      epilogue_wo(p, c, 64, mc, mc1 - mc, n0, cols);
-    }
-  }
-}
-
 }  // namespace
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
@@ -328,11 +234,9 @@ void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t n
   }
 }
 
-// Weight-only: bf16 activations -> vdpbf16ps slices; many rows -> fp32 slices (the dequantisation
-// is amortised over up to 96 rows); few rows -> convert on the fly (each weight converted once per
-// 6 rows).
+// Weight-only: many rows -> fp32 slices (the dequantisation is amortised over up to 96 rows); few rows -> convert
+// on the fly (each weight converted once per 6 rows).
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  if (p.xb != nullptr) return gemm_wo_bf16_panels(p, m0, m1, nb0, nb1);
   if (m1 - m0 >= 32) return gemm_wo_panels(p, m0, m1, nb0, nb1);
   alignas(64) float c[6 * 16];
   const int64_t groups = p.k_pad / kKG;
@@ -342,18 +246,13 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
     for (int64_t m = m0; m < m1; m += 6) {
       const int mr = int(std::min<int64_t>(6, m1 - m));
       const float* x = p.x + m * p.ldx;
-      switch (mr) {
-        case 1: ukernel_wo<1>(x, p.ldx, blk, groups, c); break;
-        case 2: ukernel_wo<2>(x, p.ldx, blk, groups, c); break;
-        case 3: ukernel_wo<3>(x, p.ldx, blk, groups, c); break;
-        case 4: ukernel_wo<4>(x, p.ldx, blk, groups, c); break;
-        case 5: ukernel_wo<5>(x, p.ldx, blk, groups, c); break;
-        default: ukernel_wo<6>(x, p.ldx, blk, groups, c); break;
-      }
+      with_rows(mr, [&](auto rows) { ukernel_wo<decltype(rows)::value>(x, p.ldx, blk, groups, c); });
       epilogue_wo(p, c, 16, m, mr, n0, cols);
     }
   }
 }
+
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, true, gemm_wo, nullptr};
 
 }  // namespace fastdistill::cpu::int8::avx512
 

@@ -1,5 +1,5 @@
-// int8 quantized inference, CPU kernels: torch-free declarations shared by the glue
-// (int8_cpu.cpp) and the per-ISA kernel files (int8_avx512.cpp, int8_avx2.cpp, int8_scalar.cpp).
+// int8 quantized inference, CPU kernels: the packed-weight layout, the kernels' parameters and the kernel table
+// (one per ISA level: int8_{scalar,avx2,avx512,avx512bf16}.cpp), shared by the registration (int8_cpu.cpp).
 //
 // Packed weight layout (CPU, ISA-independent, so switching ISA at run time needs no repack):
 //   [0, 64)                 PackedHeader (magic "FDI8", version, n, k, n_pad, k_pad)
@@ -10,9 +10,13 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/cpu_isa.h"
 #include "fastdistill/common.h"
+#include "fastdistill/int8.h"
 
 namespace fastdistill::cpu::int8 {
+
+using fastdistill::int8::QuantParams;
 
 constexpr int64_t kHeaderBytes = 64;
 constexpr int64_t kNB = 16;  // columns per tile
@@ -36,26 +40,12 @@ inline const int32_t* packed_comp(const int8_t* packed) {
 }
 inline const int8_t* packed_data(const int8_t* packed, int64_t n_pad) { return packed + kHeaderBytes + 4 * n_pad; }
 
-// Row quantisation: q[r][0:k] = clamp(rne(x / s), -127, 127) ^ xor_mask, s = amax / 127
-// (s = 0 and q = 0 ^ xor_mask for a row of zeros); q[r][k:k_pad) = 0 ^ xor_mask.
-struct QuantParams {
-  DType dtype;
-  const void* x;
-  int64_t ldx;     // elements between rows of x
-  int64_t k;
-  int64_t k_pad;   // columns written to q (>= k)
-  int8_t* q;
-  int64_t ldq;
-  float* scales;
-  uint8_t xor_mask;  // 0x80 turns s8 into the u8 (+128) operand of vpdpbusd
-};
-
 // C[m][n] = sum_k A[m][k] * W[n][k] (exact int32), then either stored as int32 or
 // y = fma(float(C), x_scales[m] * w_scales[n], bias[n]) stored in out_dtype.
 struct GemmParams {
   const int8_t* a;      // [M][lda] quantised activations; u8 (s8 ^ 0x80) when shifted
   int64_t lda;
-  bool shifted;         // a holds u8 = s8 + 128: subtract comp (VNNI path)
+  bool shifted;         // a holds u8 = s8 + 128: subtract comp (Int8Kernels::u8_activations)
   const int8_t* w;      // packed tiles (packed_data)
   const int32_t* comp;  // packed_comp
   int64_t n, k_pad;
@@ -70,8 +60,8 @@ struct GemmParams {
 
 // Weight-only: y[m][n] = fma(sum_k x[m][k] * w[n][k], w_scales[n], bias[n]) (fp32 accumulation).
 struct WoParams {
-  const float* x;       // [M][ldx] fp32, columns [k, k_pad) are 0 (null when xb is used)
-  const bf16_t* xb;     // or [M][ldx] bf16 (bf16 inputs on CPUs with avx512bf16; exact products)
+  const float* x;       // [M][ldx] fp32, columns [k, k_pad) are 0 (gemm_wo)
+  const bf16_t* xb;     // or [M][ldx] bf16 (gemm_wo_bf16: exact products)
   int64_t ldx;
   const int8_t* w;
   int64_t n, k_pad;
@@ -90,15 +80,44 @@ void unpack_rows(const int8_t* packed, int8_t* w, int64_t r0, int64_t r1);
 bool quantize_channel_rows(DType dtype, const void* w, int64_t ldw, int64_t k, int8_t* q, float* scales,
                            int64_t r0, int64_t r1);
 
+// Tasks (int8_cpu.cpp) cover kTileRows rows x kPanelCols columns; the kernels block inside them.
+constexpr int64_t kTileRows = 96;   // a multiple of every micro-kernel's rows
+constexpr int64_t kPanelCols = 64;  // 4 tiles of kNB columns
+constexpr int64_t kWoSliceK = 256;  // k values of a weight slice dequantised once for many rows (weight-only)
+
+struct Int8Kernels {
+  void (*quantize_rows)(const QuantParams& p, int64_t r0, int64_t r1);
+  // Rows [m0, m1) x column tiles [nb0, nb1) of the dynamic W8A8 GEMM (and its epilogue).
+  void (*gemm_s8)(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
+  bool u8_activations;  // gemm_s8 takes u8 = s8 + 128 activations (u8 x s8 dot products) and subtracts comp
+  void (*gemm_wo)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
+  // Weight-only with bf16 activations (native bf16 dot products), or null.
+  void (*gemm_wo_bf16)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
+};
+
 #define FD_INT8_DECLARE_ISA(ns)                                                              \
   namespace ns {                                                                             \
   void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1);                          \
   void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);       \
   void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);         \
+  extern const Int8Kernels kernels;                                                          \
   }
 FD_INT8_DECLARE_ISA(scalar)
+#if defined(__x86_64__)
 FD_INT8_DECLARE_ISA(avx2)
 FD_INT8_DECLARE_ISA(avx512)
+namespace avx512bf16 { extern const Int8Kernels kernels; }
+#endif
 #undef FD_INT8_DECLARE_ISA
+
+inline IsaTables<Int8Kernels> int8_tables() {
+#if defined(__x86_64__)
+  return {&scalar::kernels, &avx2::kernels, &avx512::kernels, &avx512bf16::kernels};
+#else
+  return {&scalar::kernels, nullptr, nullptr, nullptr};
+#endif
+}
+
+inline const Int8Kernels& int8_kernels() { return kernels_for(int8_tables()); }
 
 }  // namespace fastdistill::cpu::int8

@@ -1,8 +1,5 @@
-// int8 CPU kernels: portable scalar path, plus the ISA-neutral packing and weight quantisation.
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-
+// int8 CPU kernels, scalar level, plus the ISA-neutral packing and weight quantisation.
+#include "cpu/simd/prelude.h"
 #include "cpu/int8_kernels.h"
 
 namespace fastdistill::cpu::int8 {
@@ -83,7 +80,7 @@ bool quantize_channel_rows(DType dtype, const void* w, int64_t ldw, int64_t k, i
 
 namespace scalar {
 
-#include "cpu/int8_common.inc"
+#include "cpu/int8_per_isa.inc"
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) { quantize_rows_generic(p, r0, r1); }
 
@@ -125,6 +122,8 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
     }
   }
 }
+
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, false, gemm_wo, nullptr};
 
 }  // namespace scalar
 }  // namespace fastdistill::cpu::int8

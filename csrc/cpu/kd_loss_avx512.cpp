@@ -1,11 +1,11 @@
-// Fused distillation loss, avx512 path. The kernel is written once in kd_loss_kernel.h.
+// The distillation loss's CPU kernels (kd_loss_per_isa.inc), avx512 level.
 #include "cpu/simd/prelude.h"
 #include "cpu/kd_loss_kernels.h"
 #if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
+FASTDISTILL_TARGET_AVX512
 #include "cpu/simd/avx512.h"
 
 namespace fastdistill::cpu::avx512 {
-#include "cpu/kd_loss_kernel.h"
+#include "cpu/kd_loss_per_isa.inc"
 }  // namespace fastdistill::cpu::avx512
 #endif

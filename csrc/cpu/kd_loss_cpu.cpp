@@ -1,4 +1,5 @@
-// CPU glue of the fused distillation loss: checks, allocation, ISA choice, threading.
+// CPU registration of the distillation-loss ops: allocation, threading and the row schedule over the kernel table
+// (cpu/kd_loss_kernels.h). What the ops accept is glue/kd_loss.h's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,31 +12,10 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/kd_loss_kernels.h"
 #include "cpu/reusable_buffer.h"
-#include "kd_loss_args.h"
+#include "glue/kd_loss.h"
 
-namespace fastdistill::cpu {
+namespace fastdistill::cpu::kd {
 namespace {
-
-struct KdKernels {
-  KdPartial (*stats)(const KdLossParams&, int64_t, int64_t, int64_t);
-  void (*jsd)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, float*, float*, float*);
-  void (*backward)(const KdLossParams&, int64_t, int64_t, int64_t, const KdRowGrad&, void*);
-  KdPartial (*stats_cached)(const KdLossParams&, int64_t, float*, void*);
-  void (*backward_cached)(const KdLossParams&, int64_t, const KdRowGrad&, const float*, void*);
-};
-
-#define FASTDISTILL_KD_KERNELS(isa) \
-  KdKernels { isa::kd_row_stats, isa::kd_row_jsd, isa::kd_row_backward, isa::kd_row_stats_cached, isa::kd_row_backward_cached }
-
-KdKernels kernels() {
-  switch (active_isa()) {
-#if defined(__x86_64__)
-    case CpuIsa::avx512: return FASTDISTILL_KD_KERNELS(avx512);
-    case CpuIsa::avx2: return FASTDISTILL_KD_KERNELS(avx2);
-#endif
-    default: return FASTDISTILL_KD_KERNELS(scalar);
-  }
-}
 
 // Column chunking. Rows are split only when there are few of them, and by a rule that depends on
 // the shape alone, so results are identical for any thread count.
@@ -57,17 +37,13 @@ void parallel_tasks(int64_t n, int64_t grain, const F& f) {
   });
 }
 
-// Checks the labels and returns the number of counted rows (all rows without labels).
-int64_t check_labels(const KdLossParams& p) {
-  if (!p.labels) return p.rows;
-  int64_t counted = 0;
+void check_labels(const KdLossParams& p) {
+  if (!p.labels) return;
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t l = p.labels[r];
     TORCH_CHECK(l == p.ignore_index || (l >= 0 && l < p.vocab), "fastdistill.kd_loss: labels must be in [0, ",
                 p.vocab, ") or ignore_index (", p.ignore_index, "), got ", l, " at row ", r);
-    counted += l != p.ignore_index;
   }
-  return counted;
 }
 
 // Finishes one row from its merged softmax state (and, for JSD, the second-pass sums).
@@ -133,7 +109,7 @@ void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats,
 // still in cache: 2 reads + 1 write of logits-sized memory instead of the 4 reads + 1 write of separate
 // forward and backward calls.
 void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, const float* grad_weight) {
-  const KdKernels k = kernels();
+  const KdKernels& k = kd_kernels();
   const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
   const int64_t chunk = column_chunk(p);
   if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
@@ -222,7 +198,7 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
   kd_check_backward(grad_rows, stats, p, student.device());
   at::Tensor grad = empty_reusable(student.sizes(), student.options());
   const at::Tensor g_rows = grad_rows.contiguous(), st = stats.contiguous();
-  backward_all(p, kernels(), st.data_ptr<float>(), g_rows.data_ptr<float>(), 1, grad.data_ptr());
+  backward_all(p, kd_kernels(), st.data_ptr<float>(), g_rows.data_ptr<float>(), 1, grad.data_ptr());
   return grad;
 }
 
@@ -230,14 +206,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fused(const at::Tensor& s
                                                               const std::optional<at::Tensor>& labels,
                                                               double temperature, c10::string_view divergence,
                                                               double beta, int64_t ignore_index, double soft_coef,
-                                                              double hard_weight, c10::string_view reduction) {
-  const KdReduction red = kd_reduction(std::string(reduction));
+                                                              double hard_weight, double grad_scale) {
   KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                                  soft_coef, hard_weight);
   const KdLossParams& p = args.params;
-  const int64_t counted = check_labels(p);
-  // d reduced / d row_loss: the same for every row (ignored rows are zero anyway).
-  const float grad_weight = float(kd_reduction_weight(red, p.rows, p.vocab, counted));
+  check_labels(p);
+  TORCH_CHECK(std::isfinite(grad_scale), "fastdistill.kd_loss_fused: grad_scale must be finite, got ", grad_scale);
+  const float grad_weight = float(grad_scale);
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor rows_loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
   at::Tensor grad = empty_reusable(student.sizes(), student.options());
@@ -253,4 +228,4 @@ TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("kd_loss_fused", &kd_loss_fused);
 }
 
-}  // namespace fastdistill::cpu
+}  // namespace fastdistill::cpu::kd

@@ -1,11 +1,8 @@
-// Fused distillation loss, scalar path. The kernel is written once in kd_loss_kernel.h.
+// The distillation loss's CPU kernels (kd_loss_per_isa.inc), scalar level.
 #include "cpu/simd/prelude.h"
 #include "cpu/kd_loss_kernels.h"
-
-
 #include "cpu/simd/scalar.h"
 
 namespace fastdistill::cpu::scalar {
-#include "cpu/kd_loss_kernel.h"
+#include "cpu/kd_loss_per_isa.inc"
 }  // namespace fastdistill::cpu::scalar
-

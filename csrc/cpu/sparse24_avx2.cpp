@@ -1,22 +1,17 @@
-// AVX2 + FMA 2:4 sparse kernels (the fallback below AVX-512, and the int8 path when AVX-512 lacks
-// VNNI/VBMI).
+// 2:4 sparse kernels, avx2 level.
 //
-// fp32/bf16: one chunk = 16 columns = 8 kept values = 2 meta bytes; the indices come from one
+// Float values (fp32 / bf16 / fp16): one chunk = 16 columns = 8 kept values = 2 meta bytes; the indices come from one
 // variable shift, the gather is two vpermps (one per 8-column half) + a blend on index bit 3.
 // int8: one chunk = 32 columns = 16 kept values = 4 meta bytes; a 256-entry table turns each meta
 // byte into 4 lane-local byte indices, vpshufb gathers within each 16-column lane, and the products
 // are formed in int16 (vpmaddwd) so nothing saturates.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <array>
-#include <cstdint>
-#include <cstring>
-
+#include "cpu/simd/prelude.h"
 #include "cpu/sparse24_kernels.h"
 
+#include <array>
+
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma,bmi2,f16c")
+FASTDISTILL_TARGET_AVX2
 
 namespace fastdistill::cpu::sparse24::avx2 {
 
@@ -32,13 +27,14 @@ inline __m256i decode8(uint32_t meta16) {
       _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(meta16)), shift), _mm256_set1_epi32(3)), base);
 }
 
-template <bool BF16>
+template <class V>
 inline __m256 load_values8(const void* values, int64_t off) {
-  if constexpr (BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + off));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
+  if constexpr (std::is_same_v<V, float>) {
     return _mm256_loadu_ps(static_cast<const float*>(values) + off);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + off));
+    if constexpr (std::is_same_v<V, bf16_t>) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
   }
 }
 
@@ -49,11 +45,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int NB, int MB, bool BF16>
+template <int NB, int MB, class V>
 void micro(const FloatParams& p, int64_t n, int64_t m) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 8, nchunks = (half + 7) / 8;
-  const size_t vsize = BF16 ? 2 : 4;
+  const size_t vsize = sizeof(V);
   __m256 acc[MB * NB];
   for (int t = 0; t < MB * NB; ++t) acc[t] = _mm256_setzero_ps();
   const float* x = p.x + m * p.ldx;
@@ -65,7 +61,7 @@ void micro(const FloatParams& p, int64_t n, int64_t m) {
       const int64_t voff = (n + i) * half + 8 * c;
       if (c < nfull) {
         idx[i] = decode8(uint32_t(mp[0]) | (uint32_t(mp[1]) << 8));
-        w[i] = load_values8<BF16>(p.values, voff);
+        w[i] = load_values8<V>(p.values, voff);
       } else {  // partial last chunk: zero-padded copies
         const int64_t tail_vals = half - 8 * c, tail_bytes = mbytes - 2 * c;
         alignas(32) uint8_t vb[32] = {};
@@ -73,7 +69,7 @@ void micro(const FloatParams& p, int64_t n, int64_t m) {
         uint32_t mw = 0;
         std::memcpy(&mw, mp, size_t(tail_bytes));
         idx[i] = decode8(mw);
-        w[i] = load_values8<BF16>(vb, 0);
+        w[i] = load_values8<V>(vb, 0);
       }
     }
     for (int j = 0; j < MB; ++j) {
@@ -90,13 +86,13 @@ void micro(const FloatParams& p, int64_t n, int64_t m) {
     for (int i = 0; i < NB; ++i) p.out[(m + j) * p.ldo + n + i] += hsum(acc[j * NB + i]);
 }
 
-template <int NB, bool BF16>
+template <int NB, class V>
 void micro_m(const FloatParams& p, int64_t n, int64_t m, int mb) {
-  if (mb == 2) micro<NB, 2, BF16>(p, n, m);
-  else micro<NB, 1, BF16>(p, n, m);
+  if (mb == 2) micro<NB, 2, V>(p, n, m);
+  else micro<NB, 1, V>(p, n, m);
 }
 
-template <bool BF16>
+template <class V>
 void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
   const int64_t mblk = std::max<int64_t>(kMB, ((256 << 10) / (4 * std::max<int64_t>(p.ldx, 1))) / kMB * kMB);
   for (int64_t mb0 = 0; mb0 < p.M; mb0 += mblk) {
@@ -106,10 +102,10 @@ void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
       for (int64_t m = mb0; m < mb1; m += kMB) {
         const int mb = int(std::min<int64_t>(kMB, mb1 - m));
         switch (nb) {
-          case 4: micro_m<4, BF16>(p, n, m, mb); break;
-          case 3: micro_m<3, BF16>(p, n, m, mb); break;
-          case 2: micro_m<2, BF16>(p, n, m, mb); break;
-          default: micro_m<1, BF16>(p, n, m, mb); break;
+          case 4: micro_m<4, V>(p, n, m, mb); break;
+          case 3: micro_m<3, V>(p, n, m, mb); break;
+          case 2: micro_m<2, V>(p, n, m, mb); break;
+          default: micro_m<1, V>(p, n, m, mb); break;
         }
       }
     }
@@ -186,8 +182,11 @@ void micro_i8_m(const Int8Params& p, int64_t n, int64_t m, int mb) {
 }  // namespace
 
 void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
-  if (p.values_bf16) float_linear_t<true>(p, n0, n1);
-  else float_linear_t<false>(p, n0, n1);
+  switch (p.values_dtype) {
+    case DType::bf16: return float_linear_t<bf16_t>(p, n0, n1);
+    case DType::f16: return float_linear_t<f16_t>(p, n0, n1);
+    default: return float_linear_t<float>(p, n0, n1);
+  }
 }
 
 void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
@@ -208,6 +207,8 @@ void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
     }
   }
 }
+
+extern const Sparse24Kernels kernels{float_linear, int8_linear, nullptr};
 
 }  // namespace fastdistill::cpu::sparse24::avx2
 #endif

@@ -1,6 +1,6 @@
-// AVX-512 2:4 sparse kernels.
+// 2:4 sparse kernels, avx512 level.
 //
-// fp32/bf16: one chunk = 32 columns = 16 kept values = 4 meta bytes. The 32-bit meta word expands to
+// Float values (fp32 / bf16 / fp16): one chunk = 32 columns = 16 kept values = 4 meta bytes. The 32-bit meta word expands to
 // 16 gather indices with one variable shift (value j: bits 2j..2j+1, plus group base 4 * (j / 2));
 // vpermt2ps then gathers the 16 activations the kept values need out of the 32 columns held in two
 // registers. A 4 (rows of W) x 4 (rows of x) register tile decodes each index vector once and
@@ -11,19 +11,15 @@
 // int8: one chunk = 128 columns = 64 kept values = 16 meta bytes. vpmovzxwq + vpmultishiftqb expand
 // the 2-bit indices to 64 byte indices, vpermi2b gathers 64 activation bytes, vpdpbusd multiplies
 // them (as u8 = x + 128) with the int8 values; the +128 is removed with the row sum of the values.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
+#include "cpu/simd/prelude.h"
 #include "cpu/sparse24_kernels.h"
+
+#include <vector>
 
 #if defined(__x86_64__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,bmi2")
+FASTDISTILL_TARGET_AVX512
 
 namespace fastdistill::cpu::sparse24::avx512 {
 
@@ -31,8 +27,8 @@ namespace {
 
 constexpr int kNB = 4;  // weight rows per register tile
 constexpr int kMB = 4;  // activation rows per register tile
-// Large M: K block of 128 groups (512 columns x 64 rows x 4 B = 128 KB of xt, L2-resident); 16
-// measured slower (more scratch traffic), 32-128 within 3% of each other.
+// Large M: K block of 128 groups (512 columns x 64 rows x 4 B = 128 KB of xt, L2-resident); smaller blocks
+// cost more scratch traffic.
 constexpr int64_t kKbg = 128;
 
 inline uint32_t load_u32(const uint8_t* p) {
@@ -50,13 +46,14 @@ inline __m512i decode16(uint32_t meta) {
                          base);
 }
 
-template <bool BF16>
+template <class V>
 inline __m512 load_values(const void* values, int64_t off, __mmask16 mask) {
-  if constexpr (BF16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(values) + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
+  if constexpr (std::is_same_v<V, float>) {
     return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(values) + off);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(values) + off);
+    if constexpr (std::is_same_v<V, bf16_t>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
   }
 }
 
@@ -93,7 +90,7 @@ __attribute__((always_inline)) inline void micro_step(__m512* acc, const __m512i
 // out[m..m+MB, n..n+NB] += x[m.., chunks c0..c1) . W[n.., chunks c0..c1)^T. The chunk c1 - 1 may be
 // the partial last chunk (tail_vals values, tail_bytes meta bytes), read with masked loads; it is
 // handled outside the main loop so that the accumulators stay in registers.
-template <int NB, int MB, bool BF16>
+template <int NB, int MB, class V>
 void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, int64_t nfull) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   __m512 acc[MB * NB];
@@ -105,7 +102,7 @@ void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, i
     __m512 w[NB];
     _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
       idx[i] = decode16(load_u32(p.meta + (n + i) * mbytes + 4 * c));
-      w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, 0xFFFF);
+      w[i] = load_values<V>(p.values, (n + i) * half + 16 * c, 0xFFFF);
     }
     micro_step<NB, MB>(acc, idx, w, x, p.ldx, c);
   }
@@ -119,7 +116,7 @@ void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, i
       uint32_t mw = 0;
       std::memcpy(&mw, p.meta + (n + i) * mbytes + 4 * c, size_t(tail_bytes));
       idx[i] = decode16(mw);
-      w[i] = load_values<BF16>(p.values, (n + i) * half + 16 * c, mask);
+      w[i] = load_values<V>(p.values, (n + i) * half + 16 * c, mask);
     }
     micro_step<NB, MB>(acc, idx, w, x, p.ldx, c);
   }
@@ -136,23 +133,23 @@ void micro(const FloatParams& p, int64_t n, int64_t m, int64_t c0, int64_t c1, i
   }
 }
 
-template <int NB, bool BF16>
+template <int NB, class V>
 void micro_m(const FloatParams& p, int64_t n, int64_t m, int mb, int64_t c0, int64_t c1, int64_t nfull) {
   switch (mb) {
-    case 4: micro<NB, 4, BF16>(p, n, m, c0, c1, nfull); break;
-    case 3: micro<NB, 3, BF16>(p, n, m, c0, c1, nfull); break;
-    case 2: micro<NB, 2, BF16>(p, n, m, c0, c1, nfull); break;
-    default: micro<NB, 1, BF16>(p, n, m, c0, c1, nfull); break;
+    case 4: micro<NB, 4, V>(p, n, m, c0, c1, nfull); break;
+    case 3: micro<NB, 3, V>(p, n, m, c0, c1, nfull); break;
+    case 2: micro<NB, 2, V>(p, n, m, c0, c1, nfull); break;
+    default: micro<NB, 1, V>(p, n, m, c0, c1, nfull); break;
   }
 }
 
-template <bool BF16>
+template <class V>
 void tile(const FloatParams& p, int64_t n, int nb, int64_t m, int mb, int64_t c0, int64_t c1, int64_t nfull) {
   switch (nb) {
-    case 4: micro_m<4, BF16>(p, n, m, mb, c0, c1, nfull); break;
-    case 3: micro_m<3, BF16>(p, n, m, mb, c0, c1, nfull); break;
-    case 2: micro_m<2, BF16>(p, n, m, mb, c0, c1, nfull); break;
-    default: micro_m<1, BF16>(p, n, m, mb, c0, c1, nfull); break;
+    case 4: micro_m<4, V>(p, n, m, mb, c0, c1, nfull); break;
+    case 3: micro_m<3, V>(p, n, m, mb, c0, c1, nfull); break;
+    case 2: micro_m<2, V>(p, n, m, mb, c0, c1, nfull); break;
+    default: micro_m<1, V>(p, n, m, mb, c0, c1, nfull); break;
   }
 }
 
@@ -206,13 +203,13 @@ void xt_tile(const float* vals, int64_t vstride, const uint8_t* meta, int64_t ms
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scratch + i * kXtRows + 16 * v, acc[i][v]);
 }
 
-// dst[i * len + j] = src[i * stride + j] as fp32, for rows i < rows and j < len.
-void widen_bf16_rows(const uint16_t* src, int64_t stride, int rows, int64_t len, float* dst) {
+// dst[i * len + j] = src[i * stride + j] as fp32, for rows i < rows and j < len (16-bit values).
+template <class V>
+void widen_rows(const V* src, int64_t stride, int rows, int64_t len, float* dst) {
   for (int i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < len; j += 16) {
       const __mmask16 m = len - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - j)) - 1);
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i * stride + j));
-      _mm512_mask_storeu_ps(dst + i * len + j, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+      _mm512_mask_storeu_ps(dst + i * len + j, m, load_values<V>(src + i * stride, j, m));
     }
   }
 }
@@ -265,15 +262,16 @@ void add_transposed(const float* scratch, int64_t ncols, int64_t mrows, float* o
     for (int64_t r = 0; r < mrows; ++r) out[r * ldo + j] += scratch[j * kXtRows + r];
 }
 
-template <bool BF16>
+template <class V>
 void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
   constexpr int kRows = 6;
   const int64_t groups = p.K / 4, kbg = kKbg, half = p.K / 2, mstride = (p.K + 7) / 8;
   const int64_t rows = n1 - n0;
   std::vector<float> scratch(size_t(rows * kXtRows));
-  // bf16 values are widened to fp32 once per tile and K block, not in the tile's inner loop, where each
+  // 16-bit values are widened to fp32 once per tile and K block, not in the tile's inner loop, where each
   // value would cost two shuffle-port µops (move to a vector register, broadcast) beside its 4 FMAs.
-  std::vector<float> wide(BF16 ? size_t(kRows * 2 * kbg) : 0);
+  constexpr bool kWiden = !std::is_same_v<V, float>;
+  std::vector<float> wide(kWiden ? size_t(kRows * 2 * kbg) : 0);
   for (int64_t mb = 0; mb * kXtRows < p.M; ++mb) {
     const float* xt = p.xt + mb * p.ldx * kXtRows;
     std::fill(scratch.begin(), scratch.end(), 0.f);
@@ -283,9 +281,9 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
         const int nb = int(std::min<int64_t>(kRows, n1 - n));
         const float* vals = nullptr;
         int64_t vstride = half;
-        if constexpr (BF16) {
+        if constexpr (kWiden) {
           vstride = 2 * (g1 - g0);
-          widen_bf16_rows(static_cast<const uint16_t*>(p.values) + n * half + 2 * g0, half, nb, vstride, wide.data());
+          widen_rows(static_cast<const V*>(p.values) + n * half + 2 * g0, half, nb, vstride, wide.data());
           vals = wide.data();
         } else {
           vals = static_cast<const float*>(p.values) + n * half + 2 * g0;
@@ -308,9 +306,8 @@ void float_linear_xt(const FloatParams& p, int64_t n0, int64_t n1) {
 }
 
 // M = 1 (GEMV): the R weight rows rows[0..R) in one pass over K, 2 accumulators per row, all in
-// registers. Software prefetch only hurt on AMD (512-2048 B ahead); on Intel 1 KB ahead lifts 2 threads
-// from 23.1 to 27.5 GB/s (K = N = 4096).
-template <int R, bool BF16>
+// registers. Software prefetch 1 KB ahead on Intel only: AMD's hardware prefetcher does better alone.
+template <int R, class V>
 void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
   static const bool prefetch = __builtin_cpu_is("intel");
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
@@ -322,9 +319,9 @@ void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
   for (; c + 2 <= nfull; c += 2) {
     if (prefetch) {  // 1 KB ahead in the values, 128 B in the meta
       _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
-        const char* v = reinterpret_cast<const char*>(p.values) + (rows[r] * half + 16 * c) * (BF16 ? 2 : 4);
+        const char* v = reinterpret_cast<const char*>(p.values) + (rows[r] * half + 16 * c) * sizeof(V);
         _mm_prefetch(v + 1024, _MM_HINT_T0);
-        if (!BF16) _mm_prefetch(v + 1024 + 64, _MM_HINT_T0);
+        if (sizeof(V) == 4) _mm_prefetch(v + 1024 + 64, _MM_HINT_T0);
         if ((c & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(p.meta + rows[r] * mbytes + 4 * c) + 128, _MM_HINT_T0);
       }
     }
@@ -332,7 +329,7 @@ void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
       const __m512 xa = _mm512_loadu_ps(x + 32 * (c + u)), xb = _mm512_loadu_ps(x + 32 * (c + u) + 16);
       _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
         const __m512i idx = decode16(load_u32(p.meta + rows[r] * mbytes + 4 * (c + u)));
-        const __m512 w = load_values<BF16>(p.values, rows[r] * half + 16 * (c + u), 0xFFFF);
+        const __m512 w = load_values<V>(p.values, rows[r] * half + 16 * (c + u), 0xFFFF);
         acc[r][u] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, idx, xb), w, acc[r][u]);
       }
     }
@@ -344,33 +341,31 @@ void gemv_rows_r(const FloatParams& p, const int64_t* rows) {
     for (int r = 0; r < R; ++r) {
       uint32_t mw = 0;
       std::memcpy(&mw, p.meta + rows[r] * mbytes + 4 * c, size_t(tail_bytes));
-      const __m512 w = load_values<BF16>(p.values, rows[r] * half + 16 * c, mask);
+      const __m512 w = load_values<V>(p.values, rows[r] * half + 16 * c, mask);
       acc[r][0] = _mm512_fmadd_ps(_mm512_permutex2var_ps(xa, decode16(mw), xb), w, acc[r][0]);
     }
   }
   for (int r = 0; r < R; ++r) p.out[rows[r]] += _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
-// 8 rows per pass, one from each eighth of the task's rows: 16 sequential streams per core, and each
-// activation load serves 8 rows. Measured at M = 1 cold, 2 threads, Xeon (GB/s of compressed weights),
-// against 8 adjacent rows: K = 4096: 24.4 vs 23.9; N = 11008: 26.5 vs 24.9; K = 768: 24.7 vs 19.2 (there
-// 1 row per pass had been best on AMD). Segments of 4 x 1, 2 x 4, 2 x 2 rows were within noise or slower.
-template <bool BF16>
+// 8 rows per pass, one from each eighth of the task's rows: 16 sequential streams per core (adjacent rows
+// share DRAM pages and stream worse), and each activation load serves 8 rows.
+template <class V>
 void gemv_rows(const FloatParams& p, int64_t n0, int64_t n1) {
   constexpr int kSegments = 8;
   const int64_t seg = (n1 - n0) / kSegments;  // rows per segment
   for (int64_t i = 0; i < seg; ++i) {
     int64_t rows[kSegments];
     for (int s = 0; s < kSegments; ++s) rows[s] = n0 + s * seg + i;
-    gemv_rows_r<kSegments, BF16>(p, rows);
+    gemv_rows_r<kSegments, V>(p, rows);
   }
-  for (int64_t n = n0 + kSegments * seg; n < n1; ++n) gemv_rows_r<1, BF16>(p, &n);
+  for (int64_t n = n0 + kSegments * seg; n < n1; ++n) gemv_rows_r<1, V>(p, &n);
 }
 
-template <bool BF16>
+template <class V>
 void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
-  if (p.xt != nullptr) return float_linear_xt<BF16>(p, n0, n1);
-  if (p.M == 1) return gemv_rows<BF16>(p, n0, n1);
+  if (p.xt != nullptr) return float_linear_xt<V>(p, n0, n1);
+  if (p.M == 1) return gemv_rows<V>(p, n0, n1);
   const int64_t half = p.K / 2;
   const int64_t nfull = half / 16, nchunks = (half + 15) / 16;
   // Small M: one pass over K per tile (the weights stream once). Large M: block so that the
@@ -384,7 +379,7 @@ void float_linear_t(const FloatParams& p, int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; n += kNB) {
         const int nb = int(std::min<int64_t>(kNB, n1 - n));
         for (int64_t m = mb0; m < mb1; m += kMB)
-          tile<BF16>(p, n, nb, m, int(std::min<int64_t>(kMB, mb1 - m)), c0, c1, nfull);
+          tile<V>(p, n, nb, m, int(std::min<int64_t>(kMB, mb1 - m)), c0, c1, nfull);
       }
     }
   }
@@ -512,11 +507,9 @@ void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bo
 }
 
 // M = 1 (GEMV). Two rows at a time from the two halves of the task's range, so each core keeps four
-// sequential streams in flight (values and meta of rows half a task apart) instead of two: on the Xeon
-// dev machine, 2 threads at K = N = 4096 went from 21.8 to 26.9 GB/s (adjacent rows, which share
-// pages, were slower than one row: 14-16 GB/s). Intel also gets software prefetch 1 KB ahead in the
-// values and 256 B in the meta (22 -> 26.5 GB/s with the two rows; 2-4 KB ahead was no better); on AMD
-// the hardware prefetcher did better alone (fp32 path). The activations are flipped to u8 once per call.
+// sequential streams in flight (values and meta of rows half a task apart; adjacent rows share DRAM pages
+// and stream worse). Intel also gets software prefetch 1 KB ahead in the values and 256 B in the meta; AMD's
+// hardware prefetcher does better alone. The activations are flipped to u8 once per call.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
   alignas(64) uint8_t stack_x[4096];
@@ -540,8 +533,11 @@ void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
 }  // namespace
 
 void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
-  if (p.values_bf16) float_linear_t<true>(p, n0, n1);
-  else float_linear_t<false>(p, n0, n1);
+  switch (p.values_dtype) {
+    case DType::bf16: return float_linear_t<bf16_t>(p, n0, n1);
+    case DType::f16: return float_linear_t<f16_t>(p, n0, n1);
+    default: return float_linear_t<float>(p, n0, n1);
+  }
 }
 
 void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
@@ -579,6 +575,8 @@ void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int6
     }
   }
 }
+
+extern const Sparse24Kernels kernels{float_linear, int8_linear, transpose_to_xt};
 
 }  // namespace fastdistill::cpu::sparse24::avx512
 #endif

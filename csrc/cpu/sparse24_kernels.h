@@ -1,10 +1,14 @@
-// Torch-free 2:4 sparse x dense kernels (CPU). Weights are in the canonical 2:4 format: values
+// The 2:4 CPU kernels' parameters and kernel table (one per ISA level: sparse24_{scalar,avx2,avx512}.cpp), shared
+// by the registration (sparse24_cpu.cpp). Weights are in the canonical 2:4 format: values
 // [N, K/2] (kept entries in ascending column order) and meta uint8 [N, ceil(K/8)] (per group of 4
 // columns idx0 | idx1 << 2, two groups per byte, low nibble first). For a 32-bit little-endian load
 // of meta covering 8 groups, kept value j of that chunk sits at column 4 * (j / 2) + ((m >> 2j) & 3).
 // The kernels gather the activations each kept value needs; they never build a dense weight.
 #pragma once
 #include <cstdint>
+
+#include "cpu/cpu_isa.h"
+#include "fastdistill/common.h"
 
 namespace fastdistill::cpu::sparse24 {
 
@@ -15,8 +19,8 @@ constexpr int64_t kXPad = 128;
 struct FloatParams {
   const float* x = nullptr;    // [M, ldx] fp32, zero-padded beyond K
   int64_t ldx = 0;
-  const void* values = nullptr;  // [N, K/2] fp32 or bf16 (raw bits)
-  bool values_bf16 = false;
+  const void* values = nullptr;  // [N, K/2] in values_dtype
+  DType values_dtype = DType::f32;
   const uint8_t* meta = nullptr;  // [N, ceil(K/8)]
   int64_t M = 0, N = 0, K = 0;
   float* out = nullptr;        // [M, ldo] fp32, holds the bias (or 0) on entry; the kernel adds
@@ -42,22 +46,30 @@ struct Int8Params {
   int64_t ldo = 0;
 };
 
-// Each computes the output columns [n0, n1) for every row. Called from at::parallel_for over
-// disjoint column ranges; the result of one column never depends on the partition.
-#define FD_SPARSE24_DECLARE(isa)                                                     \
-  namespace isa {                                                                    \
-  void float_linear(const FloatParams& p, int64_t n0, int64_t n1);                   \
-  void int8_linear(const Int8Params& p, int64_t n0, int64_t n1);                     \
-  }
-FD_SPARSE24_DECLARE(scalar)
-FD_SPARSE24_DECLARE(avx2)
-FD_SPARSE24_DECLARE(avx512)
-#undef FD_SPARSE24_DECLARE
+struct Sparse24Kernels {
+  // Each computes the output columns [n0, n1) for every row, over disjoint column ranges from several threads;
+  // the result of one column never depends on the partition.
+  void (*float_linear)(const FloatParams& p, int64_t n0, int64_t n1);
+  void (*int8_linear)(const Int8Params& p, int64_t n0, int64_t n1);
+  // Large M: one block of FloatParams::xt, dst[k * kXtRows + r] = x[r * ldx + k] for r < rows (zero for
+  // rows <= r < kXtRows), k in [k0, k1) (multiples of 16); null where float_linear has no transposed path.
+  void (*transpose_to_xt)(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* dst);
+};
 
-namespace avx512 {
-// One block of p.xt: dst[k * kXtRows + r] = x[r * ldx + k] for r < rows (zero for rows <= r < kXtRows),
-// k in [k0, k1); k0 and k1 are multiples of 16.
-void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* dst);
-}  // namespace avx512
+namespace scalar { extern const Sparse24Kernels kernels; }
+#if defined(__x86_64__)
+namespace avx2 { extern const Sparse24Kernels kernels; }
+namespace avx512 { extern const Sparse24Kernels kernels; }
+#endif
+
+inline IsaTables<Sparse24Kernels> sparse24_tables() {
+#if defined(__x86_64__)
+  return {&scalar::kernels, &avx2::kernels, &avx512::kernels, nullptr};
+#else
+  return {&scalar::kernels, nullptr, nullptr, nullptr};
+#endif
+}
+
+inline const Sparse24Kernels& sparse24_kernels() { return kernels_for(sparse24_tables()); }
 
 }  // namespace fastdistill::cpu::sparse24

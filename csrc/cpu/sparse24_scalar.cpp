@@ -1,16 +1,16 @@
-// Portable 2:4 sparse kernels: the definition the SIMD paths are checked against.
-#include <cstdint>
-#include <cstring>
-
+// 2:4 sparse kernels, scalar level: the definition the SIMD paths are checked against.
+#include "cpu/simd/prelude.h"
 #include "cpu/sparse24_kernels.h"
-#include "fastdistill/common.h"
 
 namespace fastdistill::cpu::sparse24::scalar {
 
 namespace {
-inline float load_value(const void* values, bool bf16, int64_t i) {
-  if (bf16) return to_float(static_cast<const bf16_t*>(values)[i]);
-  return static_cast<const float*>(values)[i];
+inline float load_value(const void* values, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::bf16: return to_float(static_cast<const bf16_t*>(values)[i]);
+    case DType::f16: return to_float(static_cast<const f16_t*>(values)[i]);
+    default: return static_cast<const float*>(values)[i];
+  }
 }
 }  // namespace
 
@@ -23,8 +23,8 @@ void float_linear(const FloatParams& p, int64_t n0, int64_t n1) {
       float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const unsigned code = (meta[g >> 1] >> ((g & 1) * 4)) & 15u;
-        acc += x[4 * g + (code & 3)] * load_value(p.values, p.values_bf16, n * half + 2 * g);
-        acc += x[4 * g + (code >> 2)] * load_value(p.values, p.values_bf16, n * half + 2 * g + 1);
+        acc += x[4 * g + (code & 3)] * load_value(p.values, p.values_dtype, n * half + 2 * g);
+        acc += x[4 * g + (code >> 2)] * load_value(p.values, p.values_dtype, n * half + 2 * g + 1);
       }
       p.out[m * p.ldo + n] += acc;
     }
@@ -47,5 +47,7 @@ void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
     }
   }
 }
+
+extern const Sparse24Kernels kernels{float_linear, int8_linear, nullptr};
 
 }  // namespace fastdistill::cpu::sparse24::scalar

@@ -1,58 +1,50 @@
-// CUDA impls of the int8 ops (schemas in csrc/ops.cpp, issue 3; glue in int8_glue.h, kernels in int8.cu).
-// M <= 16 (or shapes cuBLASLt refuses): our dp4a GEMV; M > 16: torch._int_mm + our fused epilogue.
-// Weight-only: our GEMV for M <= 16, dequantise + cuBLAS beyond.
-#include <c10/cuda/CUDAException.h>
+// CUDA registration of the int8 ops (schemas: csrc/ops.cpp; glue: glue/int8.h). Up to 16 rows our dp4a GEMV
+// tiles; above, torch._int_mm (cuBLASLt) and our fused dequant + bias epilogue. Weight-only: our GEMV up to 16
+// rows, dequantise + cuBLAS beyond.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/int8_glue.h"
-#include "cuda/int8_backend.h"
+#include "cuda/cuda_backend.h"
+#include "glue/int8.h"
 
+namespace fastdistill::int8 {
 namespace {
-
-using namespace fastdistill;
-
-using CudaBackend = Int8CudaBackend;
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return int8glue::quantize_per_token(b, x);
+  return quantize_per_token_gpu(cuda_backend(), x);
 }
 std::tuple<at::Tensor, at::Tensor> quantize_per_channel(const at::Tensor& w) {
   c10::cuda::CUDAGuard g(w.device());
-  CudaBackend b;
-  return int8glue::quantize_per_channel(b, w);
+  return quantize_per_channel_gpu(cuda_backend(), w);
 }
 at::Tensor pack_weight(const at::Tensor& w) {
   c10::cuda::CUDAGuard g(w.device());
-  return int8glue::pack_weight(w);
+  return pack_weight_gpu(w);
 }
 at::Tensor unpack_weight(const at::Tensor& w, int64_t n, int64_t k) {
   c10::cuda::CUDAGuard g(w.device());
-  return int8glue::unpack_weight(w, n, k);
+  return unpack_weight_gpu(w, n, k);
 }
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& bias) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return int8glue::linear(b, x, w, s, bias, false);
+  return linear_gpu(cuda_backend(), x, w, s, bias, false);
 }
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                               const std::optional<at::Tensor>& bias) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return int8glue::linear(b, x, w, s, bias, true);
+  return linear_gpu(cuda_backend(), x, w, s, bias, true);
 }
 at::Tensor gemm_s32(const at::Tensor& x, const at::Tensor& w) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return int8glue::gemm_s32(b, x, w);
+  return gemm_s32_gpu(cuda_backend(), x, w);
 }
 
 }  // namespace
+}  // namespace fastdistill::int8
 
 TORCH_LIBRARY_IMPL(fastdistill, CUDA, m) {
+  using namespace fastdistill::int8;
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("quantize_per_channel", &quantize_per_channel);
   m.impl("int8_pack_weight", &pack_weight);

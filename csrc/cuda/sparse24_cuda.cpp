@@ -1,53 +1,35 @@
-// CUDA impls of the 2:4 ops (schemas in csrc/ops.cpp, issue 4; glue in sparse24_glue.h, kernels in
-// sparse24.cu). M <= 16: our GEMV straight from the canonical values + meta; M > 16: decompress +
-// cuBLAS (float values) or torch._int_mm + our epilogue (int8 values).
-#include <c10/cuda/CUDAException.h>
+// CUDA registration of the 2:4 ops (schemas: csrc/ops.cpp; glue: glue/sparse24.h). Up to 16 rows our GEMV reads
+// the canonical values + meta; above, decompress + cuBLAS (float values) or torch._int_mm + our epilogue (int8).
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/int8_backend.h"
-#include "cuda/sparse24_glue.h"
-#include "cuda/sparse24_launch.h"
+#include "cuda/cuda_backend.h"
+#include "glue/sparse24.h"
 
+namespace fastdistill::sparse24 {
 namespace {
-
-using namespace fastdistill;
-
-struct CudaBackend : Int8CudaBackend {
-  using Int8CudaBackend::gemv;
-  bool dense_fallback = true;
-  void gemv(sparse24::ValKind vk, const sparse24::Sparse24Params& p, bool vec) {
-    sparse24::gemv_cuda(vk, p, vec, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  void decompress(sparse24::ValKind vk, const void* v, const uint8_t* m, int64_t n, int64_t k, void* dense) {
-    sparse24::decompress_cuda(vk, v, m, n, k, dense, 4096, s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                   const std::optional<at::Tensor>& bias) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return sparse24glue::linear(b, x, values, meta, std::nullopt, bias, false);
+  return linear_gpu(cuda_backend(), x, values, meta, std::nullopt, bias);
 }
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                        const at::Tensor& w_scales, const std::optional<at::Tensor>& bias) {
   c10::cuda::CUDAGuard g(x.device());
-  CudaBackend b;
-  return sparse24glue::linear(b, x, values, meta, w_scales, bias, true);
+  return linear_gpu(cuda_backend(), x, values, meta, w_scales, bias);
 }
-std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& v, const at::Tensor& m) {
+std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& v, const at::Tensor& m) {
   c10::cuda::CUDAGuard g(v.device());
-  return sparse24glue::pack(v, m);
+  return pack(v, m);
 }
 
 }  // namespace
+}  // namespace fastdistill::sparse24
 
 TORCH_LIBRARY_IMPL(fastdistill, CUDA, m) {
-  m.impl("sparse24_pack", &pack);
+  using namespace fastdistill::sparse24;
+  m.impl("sparse24_pack", &pack_cuda);
   m.impl("sparse24_linear", &linear);
   m.impl("sparse24_int8_linear", &int8_linear);
 }

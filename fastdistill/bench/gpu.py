@@ -1,4 +1,4 @@
-"""GPU benchmark cases (the CUDA kernels) and the issue's GPU targets.
+"""GPU benchmark cases (the CUDA kernels) and the GPU performance targets.
 
 * KD loss forward+backward vs eager PyTorch and torch.compile; roofline = HBM bytes that must move
   (forward reads student + teacher, backward reads them again and writes the gradient).
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastdistill.bench.common import Case, Rotating, machine_limits, summarize, time_fn
 
-# The issue's targets (cannot be measured without a GPU; printed with every GPU run).
+# The GPU performance targets, printed with every GPU run.
 TARGETS = {
     "kd": ("KD loss fwd+bwd bf16 8192x128256", ">= 85% of the HBM bandwidth floor", 0.85),
     "int8": ("int8 GEMV M=1", ">= 1.8x cuBLAS bf16", 1.8),
@@ -26,7 +26,7 @@ TARGETS = {
 
 
 def _with_target(op: str, family: str, applies: bool) -> str:
-    """The op name as printed by `fastdistill bench --device cuda`, carrying the issue's target."""
+    """The op name as printed by `fastdistill bench --device cuda`, carrying its target."""
     return f"{op} [target {TARGETS[family][1]}]" if applies else op
 
 
@@ -62,7 +62,7 @@ def _kd_cases(quick: bool, device: str) -> List[Case]:
 
 
 def _int8_cases(quick: bool, device: str) -> List[Case]:
-    ops = torch.ops.fastdistill  # the int8 / 2:4 ops (schemas from issues 3 and 4)
+    ops = torch.ops.fastdistill
 
     out = []
     for k, n in (QUICK_GEMV_SHAPES if quick else GEMV_SHAPES):
@@ -91,7 +91,7 @@ def _int8_cases(quick: bool, device: str) -> List[Case]:
 
 
 def _sparse_cases(quick: bool, device: str) -> List[Case]:
-    ops = torch.ops.fastdistill  # the int8 / 2:4 ops (schemas from issues 3 and 4)
+    ops = torch.ops.fastdistill
 
     out = []
     for k, n in (QUICK_GEMV_SHAPES if quick else GEMV_SHAPES):
@@ -139,7 +139,7 @@ def cases(quick: bool, device: str = "cuda") -> List[Case]:
 
 
 def print_targets() -> None:
-    print("GPU targets (issue 5):")
+    print("GPU targets:")
     for what, target, _ in TARGETS.values():
         print(f"  {what}: {target}")
 

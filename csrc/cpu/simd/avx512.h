@@ -70,7 +70,7 @@ inline void vstore_tail(f16_t* p, VecF x, int n) { _mm256_mask_storeu_epi16(p, M
 // Two vectors' worth at once, for element-wise code that does not care which column sits in which lane
 // (pair_lane says). bf16 splits into the even columns (one shift) and the odd ones (one mask) instead of
 // a widening shuffle plus a shift per 16, and goes back with one ternary-logic merge instead of two
-// narrowing shuffles. Other types use the generic natural order (kd_loss_kernel.h).
+// narrowing shuffles. Other types use the generic natural order (kd_loss_per_isa.inc).
 inline void vload2(const bf16_t* p, VecF& even, VecF& odd) {
   const __m512i w = _mm512_loadu_si512(p);
   even = {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};

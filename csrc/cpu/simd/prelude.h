@@ -11,4 +11,13 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include "cpu/cpu_isa.h"
 #include "fastdistill/common.h"
+
+// The `#pragma GCC target` of each ISA level (cpu_isa.h), written once so that every family's kernels of a level
+// are compiled for the same instruction set.
+#define FASTDISTILL_TARGET_AVX2 _Pragma("GCC target(\"avx2,fma,f16c,bmi2\")")
+#define FASTDISTILL_TARGET_AVX512 \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c,bmi2\")")
+#define FASTDISTILL_TARGET_AVX512BF16 \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bf16,avx2,fma,f16c,bmi2\")")

@@ -11,6 +11,9 @@
 
 namespace fastdistill {
 
+// A GPU stream as the torch-free launchers take it: a cudaStream_t on CUDA, null in the SIMT emulator.
+using GpuStream = void*;
+
 // Storage dtypes as the kernels see them. bf16/fp16 are raw 16-bit patterns; kernels load them,
 // compute in fp32 and store back with round-to-nearest-even.
 enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };

@@ -14,7 +14,7 @@
 // bound by the weight stream: N * Kp bytes read once.
 #pragma once
 #include "fastdistill/common.h"
-#include "fastdistill/int8_params.h"
+#include "fastdistill/int8.h"
 #include "fastdistill/simt.h"
 
 #if !defined(__CUDACC__)
@@ -60,7 +60,8 @@ FD_KERNEL void __launch_bounds__(1024) quantize_rows_kernel(QuantParams p) {
   const float s = __fdiv_rn(amax, 127.f);
   if (threadIdx.x == 0) p.scales[row] = s;
   int8_t* q = p.q + row * p.ldq;
-  for (int64_t j = threadIdx.x; j < p.k_pad; j += blockDim.x) q[j] = (j < p.k && s != 0.f) ? quant1(to_float(x[j]), s) : 0;
+  for (int64_t j = threadIdx.x; j < p.k_pad; j += blockDim.x)
+    q[j] = int8_t(uint8_t((j < p.k && s != 0.f) ? quant1(to_float(x[j]), s) : 0) ^ p.xor_mask);
 }
 
 // --------------------------------------------------------------------------------- W8A8 GEMV
@@ -164,8 +165,8 @@ FD_KERNEL void __launch_bounds__(32 * kGemvWarps) int8_wo_gemv_kernel(GemvParams
 }
 
 // ------------------------------------------------------- epilogue after torch._int_mm (M > 16)
-// out[m, n] = fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n]); grid-stride over m * n. (A template, as
-// every kernel in a header is: several .cu files include this one.)
+// out[m, n] = fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n]); grid-stride over m * n. (A template, as every
+// kernel in a header is.)
 template <class Acc>
 FD_KERNEL void int8_dequant_epilogue_kernel(const Acc* acc, int64_t m, int64_t n, const float* x_scales,
                                             const float* w_scales, const float* bias, void* out, OutKind kind) {
@@ -176,62 +177,6 @@ FD_KERNEL void int8_dequant_epilogue_kernel(const Acc* acc, int64_t m, int64_t n
     const float v = bias ? fmaf(float(acc[i]), sc, bias[c]) : float(acc[i]) * sc;
     store_out(out, i, kind, v);
   }
-}
-
-// ------------------------------------------------------------------------------- host side
-template <class F>
-void dispatch_float(DType t, F&& f) {
-  switch (t) {
-    case DType::f32: f.template operator()<float>(); break;
-    case DType::bf16: f.template operator()<bf16_t>(); break;
-    case DType::f16: f.template operator()<f16_t>(); break;
-  }
-}
-
-inline void quantize_rows_launch(DType t, const QuantParams& p, simt::stream_t stream) {
-  if (p.rows == 0) return;
-  int threads = 32;
-  while (threads < 256 && threads < p.k_pad) threads *= 2;
-  dispatch_float(t, [&]<class T>() {
-    simt::launch(&quantize_rows_kernel<T>, dim3(unsigned(p.rows)), dim3(threads), 0, stream, p);
-  });
-}
-
-inline void int8_gemv_launch(const GemvParams& p, bool weight_only, simt::stream_t stream) {
-  if (p.m == 0 || p.n == 0) return;
-  const int mt = gemv_tile_rows(p.m);
-  const dim3 grid(unsigned((p.n + kGemvWarps - 1) / kGemvWarps), unsigned((p.m + mt - 1) / mt));
-  const dim3 block(32 * kGemvWarps);
-  auto go = [&]<int MT>() {
-    if (weight_only) simt::launch(&int8_wo_gemv_kernel<MT>, grid, block, 0, stream, p);
-    else simt::launch(&int8_gemv_kernel<MT>, grid, block, 0, stream, p);
-  };
-  switch (mt) {
-    case 1: go.template operator()<1>(); break;
-    case 2: go.template operator()<2>(); break;
-    case 4: go.template operator()<4>(); break;
-    case 8: go.template operator()<8>(); break;
-    default: go.template operator()<16>(); break;
-  }
-}
-
-inline void to_f32_padded_launch(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t k_pad,
-                                 float* out, simt::stream_t stream) {
-  if (rows == 0) return;
-  dispatch_float(t, [&]<class T>() {
-    simt::launch(&to_f32_padded_kernel<T>, dim3(unsigned(rows)), dim3(128), 0, stream, x, ldx, k, k_pad, out);
-  });
-}
-
-inline void int8_epilogue_launch(const int32_t* acc, int64_t m, int64_t n, const float* x_scales,
-                                 const float* w_scales, const float* bias, void* out, OutKind kind, int max_blocks,
-                                 simt::stream_t stream) {
-  const int64_t total = m * n;
-  if (total == 0) return;
-  int64_t blocks = (total + 255) / 256;
-  if (blocks > max_blocks) blocks = max_blocks;
-  simt::launch(&int8_dequant_epilogue_kernel<int32_t>, dim3(unsigned(blocks)), dim3(256), 0, stream, acc, m, n, x_scales,
-               w_scales, bias, out, kind);
 }
 
 }  // namespace fastdistill::int8

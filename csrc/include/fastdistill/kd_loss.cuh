@@ -11,7 +11,6 @@
 // Backward: one block per (row, split), elementwise from the saved statistics.
 #pragma once
 #include "fastdistill/kd_loss.h"
-#include "fastdistill/kd_loss_launch.h"
 #include "fastdistill/simt.h"
 
 namespace fastdistill::kd {
@@ -406,52 +405,6 @@ FD_KERNEL void __launch_bounds__(1024) kd_backward_kernel(KdLossParams p, const 
   int64_t e0, e1;
   split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
   for_range<VEC>(e0, e1, rs, f);
-}
-
-// ------------------------------------------------------------------------------------- host side
-template <class Ts, class Tt>
-void kd_forward_launch(const KdLossParams& p, float* row_loss, float* stats, float* ws, KdLaunchConfig c,
-                       simt::stream_t stream) {
-  if (p.rows == 0) return;
-  const unsigned blocks = unsigned(p.rows * c.splits);
-  simt::launch(&kd_forward_kernel<Ts, Tt>, dim3(blocks), dim3(c.threads), 0, stream, p, row_loss, stats,
-               reinterpret_cast<KdPartial*>(ws), c.splits);
-  const unsigned merge_blocks = unsigned((p.rows + 127) / 128);
-  if (c.splits > 1)
-    simt::launch(&kd_forward_merge_kernel<Ts>, dim3(merge_blocks), dim3(128), 0, stream, p, row_loss, stats,
-                 static_cast<const KdPartial*>(reinterpret_cast<KdPartial*>(ws)), c.splits);
-  if (p.divergence == Divergence::jsd) {
-    simt::launch(&kd_jsd_kernel<Ts, Tt>, dim3(blocks), dim3(c.threads), 0, stream, p, row_loss, stats, ws, c.splits);
-    if (c.splits > 1)
-      simt::launch(&kd_jsd_merge_kernel<Ts>, dim3(merge_blocks), dim3(128), 0, stream, p, row_loss, stats,
-                   static_cast<const float*>(ws), c.splits);
-  }
-}
-
-template <class Ts, class Tt>
-void kd_backward_launch(const KdLossParams& p, const float* grad_rows, const float* stats, void* grad,
-                        KdLaunchConfig c, simt::stream_t stream) {
-  if (p.rows == 0) return;
-  simt::launch(&kd_backward_kernel<Ts, Tt>, dim3(unsigned(p.rows * c.splits)), dim3(c.threads), 0, stream, p,
-               grad_rows, stats, static_cast<Ts*>(grad), c.splits);
-}
-
-// Calls f.template operator()<Ts, Tt>() for the runtime dtypes (all nine combinations).
-template <class F>
-void kd_dispatch(DType s, DType t, F&& f) {
-  auto with_t = [&](auto sv) {
-    using S = decltype(sv);
-    switch (t) {
-      case DType::f32: f.template operator()<S, float>(); break;
-      case DType::bf16: f.template operator()<S, bf16_t>(); break;
-      case DType::f16: f.template operator()<S, f16_t>(); break;
-    }
-  };
-  switch (s) {
-    case DType::f32: with_t(float{}); break;
-    case DType::bf16: with_t(bf16_t{}); break;
-    case DType::f16: with_t(f16_t{}); break;
-  }
 }
 
 }  // namespace fastdistill::kd

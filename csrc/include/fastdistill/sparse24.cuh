@@ -1,6 +1,6 @@
 // 2:4 structured-sparse kernels written against simt.h (GPUs, and the CPU SIMT emulator in the tests).
 //
-// They read the canonical format directly (DESIGN.md): values [N, K/2] (kept entries in ascending
+// They read the canonical format directly: values [N, K/2] (kept entries in ascending
 // column order) and meta uint8 [N, ceil(K/8)], per group of 4 columns the nibble idx0 | idx1 << 2, two
 // groups per byte, low nibble first. K is a multiple of 4.
 //
@@ -13,7 +13,7 @@
 // out = float(acc) * (s_x * s_w) + bias (no fma: the CPU op's rounding).
 #pragma once
 #include "fastdistill/int8.cuh"
-#include "fastdistill/sparse24_params.h"
+#include "fastdistill/sparse24.h"
 #include "fastdistill/simt.h"
 
 #if !defined(__CUDACC__)
@@ -160,48 +160,6 @@ FD_KERNEL void sparse24_decompress_kernel(const V* values, const uint8_t* meta, 
     out[nib >> 2] = values[row * (k / 2) + 2 * g + 1];
     for (int j = 0; j < 4; ++j) dense[row * k + 4 * g + j] = out[j];
   }
-}
-
-// ------------------------------------------------------------------------------------ host side
-template <class F>
-void dispatch_values(ValKind t, F&& f) {
-  switch (t) {
-    case ValKind::f32: f.template operator()<float>(); break;
-    case ValKind::bf16: f.template operator()<bf16_t>(); break;
-    case ValKind::f16: f.template operator()<f16_t>(); break;
-    case ValKind::s8: f.template operator()<int8_t>(); break;
-  }
-}
-
-inline void sparse24_gemv_launch(ValKind vk, const Sparse24Params& p, bool vec, simt::stream_t stream) {
-  if (p.m == 0 || p.n == 0) return;
-  const int mt = int8::gemv_tile_rows(p.m);
-  const dim3 grid(unsigned((p.n + kWarps - 1) / kWarps), unsigned((p.m + mt - 1) / mt));
-  dispatch_values(vk, [&]<class V>() {
-    auto go = [&]<int MT>() {
-      if (vec) simt::launch(&sparse24_gemv_kernel<V, MT, true>, grid, dim3(32 * kWarps), 0, stream, p);
-      else simt::launch(&sparse24_gemv_kernel<V, MT, false>, grid, dim3(32 * kWarps), 0, stream, p);
-    };
-    switch (mt) {
-      case 1: go.template operator()<1>(); break;
-      case 2: go.template operator()<2>(); break;
-      case 4: go.template operator()<4>(); break;
-      case 8: go.template operator()<8>(); break;
-      default: go.template operator()<16>(); break;
-    }
-  });
-}
-
-inline void sparse24_decompress_launch(ValKind vk, const void* values, const uint8_t* meta, int64_t n, int64_t k,
-                                       void* dense, int max_blocks, simt::stream_t stream) {
-  const int64_t groups = n * (k / 4);
-  if (groups == 0) return;
-  int64_t blocks = (groups + 255) / 256;
-  if (blocks > max_blocks) blocks = max_blocks;
-  dispatch_values(vk, [&]<class V>() {
-    simt::launch(&sparse24_decompress_kernel<V>, dim3(unsigned(blocks)), dim3(256), 0, stream,
-                 static_cast<const V*>(values), meta, n, k, static_cast<V*>(dense));
-  });
 }
 
 }  // namespace fastdistill::sparse24

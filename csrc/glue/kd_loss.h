@@ -1,13 +1,15 @@
-// Argument checking and KdLossParams construction for the distillation loss ops, shared by the CPU
-// and CUDA glue so both reject bad input with the same messages.
+// The torch-facing layer of the distillation loss, shared by the CPU, CUDA and emulator registrations: what
+// the ops accept (argument checks, dtype rules, KdLossParams), and the GPU allocation and launch sequence.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "fastdistill/kd_loss.h"
+#include "glue/gpu.h"
 
 namespace fastdistill {
 
@@ -122,27 +124,6 @@ inline KdLossArgs kd_loss_args(const at::Tensor& student, const at::Tensor& teac
   return a;
 }
 
-// How per-row losses become the returned loss (kd_loss_fused): the derivative of the reduced loss by
-// each counted row's loss is one constant.
-enum class KdReduction { batchmean, sum, mean, none };
-
-inline KdReduction kd_reduction(const std::string& name) {
-  if (name == "batchmean") return KdReduction::batchmean;
-  if (name == "sum") return KdReduction::sum;
-  if (name == "mean") return KdReduction::mean;
-  if (name == "none") return KdReduction::none;
-  TORCH_CHECK(false, "fastdistill.kd_loss: reduction must be one of ('batchmean', 'sum', 'mean', 'none'), got '", name, "'");
-}
-
-// batchmean divides by the counted rows (0 rows: the sum, which is 0), mean by rows * V as F.kl_div.
-inline double kd_reduction_weight(KdReduction r, int64_t rows, int64_t vocab, int64_t counted) {
-  switch (r) {
-    case KdReduction::batchmean: return 1.0 / double(std::max<int64_t>(counted, 1));
-    case KdReduction::mean: return 1.0 / double(std::max<int64_t>(rows * vocab, 1));
-    default: return 1.0;
-  }
-}
-
 // The backward's extra inputs: d loss / d row_loss and the forward's statistics.
 inline void kd_check_backward(const at::Tensor& grad_rows, const at::Tensor& stats, const KdLossParams& p,
                               const at::Device& dev) {
@@ -155,6 +136,47 @@ inline void kd_check_backward(const at::Tensor& grad_rows, const at::Tensor& sta
   TORCH_CHECK(grad_rows.device() == dev && stats.device() == dev,
               "fastdistill.kd_loss_backward: grad_rows and stats must be on the logits' device ", dev, ", got ",
               grad_rows.device(), " and ", stats.device());
+}
+
+// ---- GPU (CUDA and the emulator) ----
+inline kd::KdLaunchConfig kd_gpu_config(const GpuBackend& b, const KdLossParams& p) {
+  return kd::kd_launch_config(p.rows, p.vocab, kd::kd_vec_for(p.student_dtype, p.teacher_dtype), b.kd_threads,
+                              b.kd_splits, b.multiprocessors);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> kd_loss_forward_gpu(const GpuBackend& b, const at::Tensor& student,
+                                                               const at::Tensor& teacher,
+                                                               const std::optional<at::Tensor>& labels,
+                                                               double temperature, const std::string& divergence,
+                                                               double beta, int64_t ignore_index, double soft_coef,
+                                                               double hard_weight) {
+  const KdLossArgs a = kd_loss_args(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                                    hard_weight);
+  const KdLossParams& p = a.params;
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor row_loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
+  if (p.rows == 0) return {row_loss, stats};
+  const kd::KdLaunchConfig c = kd_gpu_config(b, p);
+  at::Tensor ws = at::empty({kd::kd_forward_workspace_floats(p.rows, c.splits)}, f32);
+  kd::gpu::forward(p, row_loss.data_ptr<float>(), stats.data_ptr<float>(), ws.data_ptr<float>(), c, b.stream);
+  b.launched();
+  return {row_loss, stats};
+}
+
+inline at::Tensor kd_loss_backward_gpu(const GpuBackend& b, const at::Tensor& grad_rows, const at::Tensor& student,
+                                       const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                                       const at::Tensor& stats, double temperature, const std::string& divergence,
+                                       double beta, int64_t ignore_index, double soft_coef, double hard_weight) {
+  const KdLossArgs a = kd_loss_args(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                                    hard_weight);
+  const KdLossParams& p = a.params;
+  kd_check_backward(grad_rows, stats, p, student.device());
+  const at::Tensor g = grad_rows.contiguous(), st = stats.contiguous();
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.rows == 0) return grad;
+  kd::gpu::backward(p, g.data_ptr<float>(), st.data_ptr<float>(), grad.data_ptr(), kd_gpu_config(b, p), b.stream);
+  b.launched();
+  return grad;
 }
 
 }  // namespace fastdistill

@@ -1,8 +1,9 @@
-// Parameters of the 2:4 GPU kernels (sparse24.cuh): torch-free and CUDA-free, shared with the glue.
+// 2:4 structured sparsity: torch-free parameters of the GPU kernels (sparse24.cuh) and their launchers
+// (cuda/sparse24.cu). The kernels read the canonical format (values [N, K/2], meta [N, ceil(K/8)]).
 #pragma once
 #include <cstdint>
 
-#include "fastdistill/int8_params.h"
+#include "fastdistill/int8.h"
 
 namespace fastdistill::sparse24 {
 
@@ -20,5 +21,12 @@ struct Sparse24Params {
   int64_t m = 0, n = 0, k = 0, k_pad = 0, ldo = 0;
   int8::OutKind out_kind = int8::OutKind::f32;
 };
+
+namespace gpu {
+// vec: K % 32 == 0 and 16-byte aligned values (4-byte aligned meta): packed loads.
+void gemv(ValKind vk, const Sparse24Params& p, bool vec, GpuStream s);
+void decompress(ValKind vk, const void* values, const uint8_t* meta, int64_t n, int64_t k, void* dense, int max_blocks,
+                GpuStream s);
+}  // namespace gpu
 
 }  // namespace fastdistill::sparse24

@@ -1,50 +1,39 @@
-// The int8 CUDA kernels (fastdistill/int8.cuh) on CPU tensors through the SIMT emulator, with the same
-// glue as the CUDA ops (cuda/int8_glue.h). Test-only: torch.ops.fastdistill_simt.int8_*.
+// The int8 GPU kernels on CPU tensors through the SIMT emulator (test-only ops torch.ops.fastdistill_simt.int8_*):
+// the CUDA ops' glue (glue/int8.h). `int_mm=False` runs our GEMV tiles at every M instead of the vendor GEMM.
 #include <torch/library.h>
 
-#include "cuda/int8_glue.h"
-#include "simt/int8_backend.h"
+#include "glue/int8.h"
 
+namespace fastdistill::int8 {
 namespace {
 
-using namespace fastdistill;
-
-using SimtBackend = Int8SimtBackend;
-
-SimtBackend backend(bool int_mm) {
-  SimtBackend b;
-  b.int_mm = int_mm;
+GpuBackend emulator(bool vendor_gemm = true) {
+  GpuBackend b;
+  b.vendor_gemm = vendor_gemm;
+  b.max_blocks = 16;
   return b;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
-  auto b = backend(true);
-  return int8glue::quantize_per_token(b, x);
-}
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) { return quantize_per_token_gpu(emulator(), x); }
 std::tuple<at::Tensor, at::Tensor> quantize_per_channel(const at::Tensor& w) {
-  auto b = backend(true);
-  return int8glue::quantize_per_channel(b, w);
+  return quantize_per_channel_gpu(emulator(), w);
 }
-at::Tensor pack_weight(const at::Tensor& w) { return int8glue::pack_weight(w); }
-at::Tensor unpack_weight(const at::Tensor& w, int64_t n, int64_t k) { return int8glue::unpack_weight(w, n, k); }
+at::Tensor pack_weight(const at::Tensor& w) { return pack_weight_gpu(w); }
+at::Tensor unpack_weight(const at::Tensor& w, int64_t n, int64_t k) { return unpack_weight_gpu(w, n, k); }
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& bias,
                   bool int_mm) {
-  auto b = backend(int_mm);
-  return int8glue::linear(b, x, w, s, bias, false);
+  return linear_gpu(emulator(int_mm), x, w, s, bias, false);
 }
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                               const std::optional<at::Tensor>& bias, bool int_mm) {
-  auto b = backend(int_mm);
-  return int8glue::linear(b, x, w, s, bias, true);
+  return linear_gpu(emulator(int_mm), x, w, s, bias, true);
 }
-at::Tensor gemm_s32(const at::Tensor& x, const at::Tensor& w, bool int_mm) {
-  auto b = backend(int_mm);
-  return int8glue::gemm_s32(b, x, w);
-}
+at::Tensor gemm_s32(const at::Tensor& x, const at::Tensor& w, bool int_mm) { return gemm_s32_gpu(emulator(int_mm), x, w); }
 
 }  // namespace
+}  // namespace fastdistill::int8
 
-// Same schemas as fastdistill::* (issue 3) plus `int_mm`: false forces the GEMV kernel for every M.
+// The schemas of fastdistill::* plus `int_mm`.
 TORCH_LIBRARY_FRAGMENT(fastdistill_simt, m) {
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_per_channel(Tensor w) -> (Tensor, Tensor)");
@@ -56,6 +45,7 @@ TORCH_LIBRARY_FRAGMENT(fastdistill_simt, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastdistill_simt, CPU, m) {
+  using namespace fastdistill::int8;
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("quantize_per_channel", &quantize_per_channel);
   m.impl("int8_pack_weight", &pack_weight);

@@ -1,0 +1,63 @@
+// int8 quantized inference: torch-free parameters shared by the CPU kernels, the GPU kernels (int8.cuh)
+// and the SIMT emulator, the GPU packed-weight layout and the GPU launchers (cuda/int8.cu).
+#pragma once
+#include <cstdint>
+
+#include "fastdistill/common.h"
+
+namespace fastdistill::int8 {
+
+// Per-row symmetric quantisation: q[r][0:k] = clamp(rne(x / s), -127, 127) ^ xor_mask, s = amax / 127
+// (s = 0 and q = 0 ^ xor_mask for a row of zeros); q[r][k:k_pad) = 0 ^ xor_mask.
+struct QuantParams {
+  DType dtype = DType::f32;
+  const void* x = nullptr;  // [rows, ldx] elements of dtype
+  int64_t rows = 0, ldx = 0, k = 0;
+  int64_t k_pad = 0;        // columns written to q (>= k)
+  int8_t* q = nullptr;      // [rows, ldq]
+  int64_t ldq = 0;
+  float* scales = nullptr;  // [rows]
+  uint8_t xor_mask = 0;     // 0x80 turns s8 into the u8 (+128) operand of u8 x s8 dot products
+};
+
+// ---- GPU ----
+// Packed weight: int8 1-D of N * Kp + (Kp - K) elements, Kp = round_up(K, 16): [N, Kp] row-major, zero
+// padded, then Kp - K zero bytes so that the size alone identifies K for a given N (N comes from w_scales,
+// K from x: the ops validate a packed weight without reading it on the host).
+constexpr int kKAlign = 16;
+FD_HD int64_t padded_k(int64_t k) { return (k + kKAlign - 1) / kKAlign * kKAlign; }
+FD_HD int64_t packed_numel(int64_t n, int64_t k) { return n * padded_k(k) + (padded_k(k) - k); }
+
+enum class OutKind : int { f32 = 0, bf16 = 1, f16 = 2, s32 = 3 };
+inline OutKind out_kind(DType t) { return t == DType::f32 ? OutKind::f32 : t == DType::bf16 ? OutKind::bf16 : OutKind::f16; }
+
+struct GemvParams {
+  const int8_t* qx = nullptr;   // [m, k_pad] quantised activations (zero padded)
+  const float* x_scales = nullptr;
+  const float* xf = nullptr;    // weight-only: [m, k_pad] fp32 activations (zero padded)
+  const int8_t* w = nullptr;    // [n, k_pad]
+  const float* w_scales = nullptr;  // [n] (ignored for s32 output)
+  const float* bias = nullptr;  // [n] fp32 or null
+  void* out = nullptr;          // [m, ldo]
+  int64_t m = 0, n = 0, k_pad = 0, ldo = 0;
+  OutKind out_kind = OutKind::f32;
+};
+
+constexpr int kGemvWarps = 4;  // warps (output columns in flight) per block
+
+// Rows per tile for m rows: the smallest of 1, 2, 4, 8, 16 that covers m (16 beyond).
+inline int gemv_tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+
+namespace gpu {
+void quantize_rows(const QuantParams& p, GpuStream s);
+// W8A8 (qx, x_scales) or weight-only (xf) GEMV tiles for every row of p.
+void gemv(const GemvParams& p, bool weight_only, GpuStream s);
+// out [rows, k_pad] fp32 = x [rows, ldx] of dtype t, zero padded beyond k.
+void to_f32_padded(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t k_pad, float* out,
+                   GpuStream s);
+// out = fma(float(acc), x_scales[m] * w_scales[n], bias[n]) after a vendor int32 GEMM.
+void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scales, const float* w_scales,
+                      const float* bias, void* out, OutKind kind, int max_blocks, GpuStream s);
+}  // namespace gpu
+
+}  // namespace fastdistill::int8
