@@ -32,6 +32,17 @@ def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forwa
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
+def kd_reverse_kl_grad_reference(student, teacher, temperature=1.0):
+    """d/d student of sum_rows T^2 KL(q || p), rows of finite logits, centred the way the kernels are: at
+    |logits| / T ~ 1e4 autograd's q (log q/p - KL) cancels even in float64 (a term of 1e-25 next to 1e4 is
+    below its eps), and it is q (d - sum q d) with d = ((s - t) - (s - t) at argmax s) / T that stays exact."""
+    s, t = student.double(), teacher.double()
+    diff = s - t
+    d = (diff - diff.gather(-1, s.argmax(-1, keepdim=True))) / temperature
+    q = torch.softmax(s / temperature, dim=-1)
+    return temperature * q * (d - (q * d).sum(-1, keepdim=True))
+
+
 def kd_loss_reference(student, teacher, *, temperature=1.0, divergence="forward_kl", beta=0.5,
                       reduction="batchmean", labels=None, ignore_index=-100, soft_weight=1.0,
                       hard_weight=0.0, scale_by_t2=True):

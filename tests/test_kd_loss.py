@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastdistill
 from fastdistill import KDLoss, kd_loss
-from fastdistill.reference import kd_loss_reference
+from fastdistill.reference import kd_loss_reference, kd_reverse_kl_grad_reference
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
@@ -281,11 +281,54 @@ def test_fused_training_path_equals_two_op_path(dtype, divergence, reduction, va
             assert torch.equal(x.grad, ref_grad)
         else:
             tol = dict(rtol=1e-5, atol=1e-9 if reduction == "mean" else 1e-8) if dtype == torch.float32 else low
-            if divergence == "reverse_kl" and dtype == torch.float32:
-                # q * (lb - la - aux) cancels; the cached path adds the block offset separately. Both paths
-                # are within ~1e-7 of fp64 relative to the largest gradient (test_exp_cache_path_every_isa).
-                tol["atol"] = 1e-6 * float(ref_grad.abs().max())
             torch.testing.assert_close(x.grad, ref_grad, **tol)
+
+
+def peaked_logits(shape):
+    """|logits| / T ~ 1e4 at T = 2: softmax(student / T) is one-hot in float32."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g) * 9000, torch.randn(shape, generator=g) * 9000
+
+
+def peaked_truth(s, t, grad_out, **kw):
+    """Loss and gradient in float64 (reverse KL's gradient centred: autograd cancels there, even in float64)."""
+    s64 = s.double().requires_grad_()
+    loss = kd_loss_reference(s64, t.double(), **kw)
+    loss.backward(torch.tensor(grad_out, dtype=torch.float64))
+    if kw["divergence"] == "reverse_kl":
+        return loss.detach(), grad_out * kd_reverse_kl_grad_reference(s, t, kw["temperature"])
+    return loss.detach(), s64.grad
+
+
+def test_centred_reverse_kl_reference_is_autograds_where_nothing_cancels():
+    s, t = logits((3, 50), torch.float64), logits((3, 50), torch.float64, seed=5)
+    x = s.clone().requires_grad_()
+    kd_loss_reference(x, t, temperature=1.5, divergence="reverse_kl", reduction="sum").backward()
+    torch.testing.assert_close(kd_reverse_kl_grad_reference(s, t, 1.5), x.grad, rtol=1e-12, atol=1e-14)
+
+
+# 6x5000: whole rows of three blocks; 2x40000: few long rows, split into column chunks and merged.
+@pytest.mark.parametrize("shape", [(6, 5000), (2, 40000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("path", ["fused", "two_op"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_peaked_softmax_loses_nothing_to_cancellation(isa, divergence, path, shape):
+    """Loss and gradient within 2x plain float32 PyTorch's error, with no floor, where one column holds all of
+    q: reverse KL's q (log q/p - KL) used to subtract two rounded ~1e4 numbers (1e-3 off at the argmax)."""
+    s, t = peaked_logits(shape)
+    kw = dict(temperature=2.0, divergence=divergence, reduction="sum", beta=0.3)
+    ref_loss, ref_grad = peaked_truth(s, t, 0.37, **kw)
+    plain = s.clone().requires_grad_()
+    plain_loss = kd_loss_reference(plain, t, **kw)
+    plain_loss.backward(torch.tensor(0.37))
+    if path == "fused":
+        x = s.clone().requires_grad_()
+        loss = kd_loss(x, t, **kw)
+        loss.backward(torch.tensor(0.37))
+        grad = x.grad
+    else:
+        loss, grad = two_op_path(s, t, torch.tensor(0.37), "sum", temperature=2.0, divergence=divergence)
+    assert err(loss, ref_loss) <= 2 * err(plain_loss, ref_loss), (err(loss, ref_loss), err(plain_loss, ref_loss))
+    assert err(grad, ref_grad) <= 2 * err(plain.grad, ref_grad), (err(grad, ref_grad), err(plain.grad, ref_grad))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -11,12 +11,9 @@ from fastdistill.isa import available_cpu_isas
 from samples import OPS
 
 BACKENDS = [f"cpu-{isa}" for isa in available_cpu_isas()] + ["simt"] + (["cuda"] if torch.cuda.is_available() else [])
-# Defects these samples found that are not fixed yet: each runs, and must fail until it is fixed (strict).
-KNOWN_DEFECTS = {
-    ("kd_loss_backward", "float32-5x1003-reverse_kl", "cpu-scalar"):
-        "reverse-KL gradient: the divergence term is summed over 4 lanes on the scalar path and carries 5x "
-        "plain PyTorch's rounding error (4.2e-6 vs 8.2e-7); see the reverse-KL accuracy issue",
-}
+# Defects these samples found that are not fixed yet, {(op, sample name, backend): why}: each runs, and must fail
+# until it is fixed (strict xfail).
+KNOWN_DEFECTS = {}
 # kd_loss_fused has no emulator build: its GPU kernels are kd_loss_forward's and kd_loss_backward's.
 CASES = [(op, i, sample.name, backend) for op, spec in OPS.items() for i, sample in enumerate(spec.samples())
          for backend in BACKENDS if spec.simt or backend != "simt"]

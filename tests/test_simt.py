@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fastdistill._simt  # noqa: F401  (registers torch.ops.fastdistill_simt; built with the package)
-from fastdistill.reference import compressed_2_4_sample, kd_loss_reference, quantize_symmetric_reference
+from fastdistill.reference import (compressed_2_4_sample, kd_loss_reference, kd_reverse_kl_grad_reference,
+                                   quantize_symmetric_reference)
 
 ops = torch.ops.fastdistill_simt
 
@@ -189,6 +190,26 @@ def test_kd_loss_strided_views():
         kd_loss_reference(x, t.double(), **kw).reshape(-1).backward(g.double())
         assert grad.is_contiguous() and grad.shape == s.shape
         torch.testing.assert_close(grad.double(), x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("threads,splits", [(256, 1), (64, 3)])
+def test_kd_loss_peaked_softmax_loses_nothing_to_cancellation(div, threads, splits):
+    """|logits| / T ~ 1e4: one column holds all of q. Within 2x plain float32 PyTorch's error, no floor (the
+    CPU test of the same name explains the float64 truth)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5000, generator=g) * 9000, torch.randn(6, 5000, generator=g) * 9000
+    T, grad_rows = 2.0, torch.full((6,), 0.37)
+    loss, stats = ops.kd_loss_forward(s, t, None, T, div, 0.3, -100, T * T, 0.0, threads, splits)
+    grad = ops.kd_loss_backward(grad_rows, s, t, None, stats, T, div, 0.3, -100, T * T, 0.0, threads, splits)
+    kw = dict(div=div, T=T, beta=0.3, hw=0.0)
+    ref_loss, ref_grad = _reference(s, t, None, grad_rows, dtype=torch.float64, **kw)
+    if div == "reverse_kl":
+        ref_grad = 0.37 * kd_reverse_kl_grad_reference(s, t, T)
+    f32_loss, f32_grad = _reference(s, t, None, grad_rows, dtype=torch.float32, **kw)
+    for ours, plain, ref in ((loss, f32_loss, ref_loss), (grad, f32_grad, ref_grad)):
+        err, base = (ours.double() - ref).abs().max(), (plain - ref).abs().max()
+        assert err <= 2 * base, (err, base)
 
 
 def test_kd_loss_schedules_agree():

@@ -54,8 +54,8 @@ void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, fl
     div = p.beta * sum_p + (1.f - p.beta) * sum_q;
     lse.aux = sum_q;
   } else {
-    div = kd_kl_from_state(st, lse, p.divergence);
-    lse.aux = p.divergence == Divergence::reverse_kl ? div : 0.f;
+    div = kd_kl_from_state(st, lse, p.divergence, p.inv_temperature);
+    kd_set_gradient_stats(st, p.divergence, lse);
   }
   float row = p.soft_coef != 0.f ? p.soft_coef * div : 0.f;
   if (p.has_hard() && p.counted(r)) row += p.hard_weight * ((lse.m_s - kd_student_logit(p, r, p.labels[r])) + lse.lz_h);

@@ -15,6 +15,10 @@ inline VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v
 inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline Mask vgt(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+inline int vfirst_eq(VecF a, float x) {  // the first lane equal to x, or -1
+  const unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(x), _CMP_EQ_OQ)));
+  return m ? __builtin_ctz(m) : -1;
+}
 inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
 inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) { return {_mm256_blendv_ps(c.v, _mm256_fmadd_ps(a.v, b.v, c.v), m)}; }
 inline float vsum(VecF a) {

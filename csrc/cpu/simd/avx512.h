@@ -15,6 +15,10 @@ inline VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v
 inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
 inline Mask vgt(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+inline int vfirst_eq(VecF a, float x) {  // the first lane equal to x, or -1
+  const unsigned m = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(x), _CMP_EQ_OQ);
+  return m ? __builtin_ctz(m) : -1;
+}
 inline Mask veq_int(__m512i a, __m512i b) { return _mm512_cmpeq_epi32_mask(a, b); }
 inline VecF vselect(Mask m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
 inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) { return {_mm512_mask3_fmadd_ps(a.v, b.v, c.v, m)}; }  // m ? a*b+c : c

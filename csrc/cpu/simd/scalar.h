@@ -26,6 +26,11 @@ inline Mask vgt(VecF a, VecF b) {
   for (int i = 0; i < kLanes; ++i) m.m[i] = a.v[i] > b.v[i];
   return m;
 }
+inline int vfirst_eq(VecF a, float x) {  // the first lane equal to x, or -1
+  for (int i = 0; i < kLanes; ++i)
+    if (a.v[i] == x) return i;
+  return -1;
+}
 inline VecF vselect(Mask m, VecF a, VecF b) { return vmap([&](int i) { return m.m[i] ? a.v[i] : b.v[i]; }); }
 inline VecF vfma_if(Mask m, VecF a, VecF b, VecF c) {
   return vmap([&](int i) { return m.m[i] ? std::fma(a.v[i], b.v[i], c.v[i]) : c.v[i]; });

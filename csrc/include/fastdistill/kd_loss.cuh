@@ -86,23 +86,26 @@ struct KdAccum {
 
   // Maxima are of the raw logits; every exponent is (x - max) / T (kd_loss.h).
   FD_DEVICE void add(int n, const float* xs, const float* xt) {
-    float ms = st.m_s, mt = st.m_t;
+    float ms = st.m_s, mt = st.m_t, q_at = st.q_at;
     for (int i = 0; i < n; ++i) {
+      if (teacher_primary ? xt[i] > mt : xs[i] > ms) q_at = teacher_primary ? xs[i] : xt[i];
       ms = fmaxf(ms, xs[i]);
       mt = fmaxf(mt, xt[i]);
     }
-    if (ms != st.m_s || mt != st.m_t) kd_recentre(st, mt, ms, inv_t, teacher_primary);
+    if (ms != st.m_s || mt != st.m_t) kd_recentre(st, mt, ms, q_at, inv_t, teacher_primary);
     const float rt = mt == -INFINITY ? 0.f : mt, rs = ms == -INFINITY ? 0.f : ms;
+    const float k = teacher_primary ? kd_centre(mt, ms, q_at) : kd_centre(ms, mt, q_at);
     for (int i = 0; i < n; ++i) {
       const float ds = xs[i] - rs;
       const float ua = (xt[i] - rt) * inv_t, ub = ds * inv_t;
       const float ea = expf(ua), eb = expf(ub);
       st.z_t += ea;
       st.z_s += eb;
+      // P - Q, then minus the centre: exactly 0 at P's argmax (KdPartial).
       if (teacher_primary) {
-        if (ea > 0.f) st.w += ea * (ua - ub);
+        if (ea > 0.f) st.w += ea * (((xt[i] - xs[i]) - k) * inv_t);
       } else {
-        if (eb > 0.f) st.w += eb * (ub - ua);
+        if (eb > 0.f) st.w += eb * (((xs[i] - xt[i]) - k) * inv_t);
       }
       if (hard) st.z_h += expf(ds);
     }
@@ -141,6 +144,7 @@ FD_DEVICE KdPartial shfl_partial(const KdPartial& x, int o) {
   y.z_s = __shfl_xor_sync(0xffffffffu, x.z_s, o);
   y.z_h = __shfl_xor_sync(0xffffffffu, x.z_h, o);
   y.w = __shfl_xor_sync(0xffffffffu, x.w, o);
+  y.q_at = __shfl_xor_sync(0xffffffffu, x.q_at, o);
   return y;
 }
 
@@ -183,8 +187,8 @@ FD_DEVICE void kd_finish(const KdLossParams& p, int64_t row, const KdPartial& x,
     kd_store_stats(lse, stats + row * kNumStats);
     return;
   }
-  const float D = kd_kl_from_state(x, lse, p.divergence);
-  lse.aux = p.divergence == Divergence::reverse_kl ? D : 0.f;
+  const float D = kd_kl_from_state(x, lse, p.divergence, p.inv_temperature);
+  kd_set_gradient_stats(x, p.divergence, lse);
   row_loss[row] = kd_row_loss<Ts>(p, row, D, lse);
   if (!p.has_hard()) lse.lz_h = 0.f;
   kd_store_stats(lse, stats + row * kNumStats);
@@ -354,7 +358,7 @@ struct KdGrad {
     const float la = (xt - r.m_t) * inv_t - r.lz_t, lb = ds * inv_t - r.lz_s, q = expf(lb);
     float d;
     if (div == Divergence::forward_kl) d = q - expf(la);
-    else if (div == Divergence::reverse_kl) d = q > 0.f ? q * (lb - la - r.aux) : 0.f;
+    else if (div == Divergence::reverse_kl) d = q > 0.f ? q * (((xs - xt) - r.centre) * inv_t - r.aux) : 0.f;
     else d = q > 0.f ? q * (lb - log_add_exp(la + log_beta, lb + log_1m_beta) - r.aux) : 0.f;
     float out = soft * d;
     if (hard != 0.f) {

@@ -51,8 +51,9 @@ enum KdStat : int {
   kStatMaxStudent = 0, kStatLogSumStudent = 1,  // student / T
   kStatMaxTeacher = 2, kStatLogSumTeacher = 3,  // teacher / T
   kStatLogSumHard = 4,                          // student at T = 1 (same max), when there is a hard term
-  kStatAux = 5,                                 // reverse KL: the divergence; JSD: KL(q || M); else 0
-  kNumStats = 8                                 // 6, 7 reserved
+  kStatAux = 5,     // reverse KL: w / z_s, the q-mean of the centred log ratio; JSD: KL(q || M); else 0
+  kStatCentre = 6,  // reverse KL: the centre k (kd_centre); else 0
+  kNumStats = 8     // 7 reserved
 };
 
 // Online-softmax state of one row, or of one column range of a row. Ranges merge associatively
@@ -61,12 +62,16 @@ enum KdStat : int {
 // the difference is exact for the entries that matter, where x / T - max / T would carry the
 // rounding of two large numbers (0.016 absolute at |x| / T = 2e5). With u = (x - m) / T,
 //   z_t = sum exp(u_t), z_s = sum exp(u_s), z_h = sum exp(s - m_s) (student at T = 1),
-//   w = sum exp(u_P) (u_P - u_Q)
-// with P the "primary" side (teacher for forward KL, student for reverse KL) and Q the other.
+//   w = sum exp(u_P) ((P - Q) - k) / T
+// with P the "primary" side (teacher for forward KL, student for reverse KL), Q the other, and the
+// centre k = P - Q at P's argmax (kd_centre). Centred there, the column that dominates the divergence
+// contributes exactly 0 to w and to the gradient's log ratio, so a peaked softmax does not subtract
+// two rounded ~|x| / T numbers (reverse KL's gradient q (log q/p - KL) cancelled to 1e-3 at |x| / T = 1e4).
 struct KdPartial {
   float m_t = -INFINITY, z_t = 0.f;
   float m_s = -INFINITY, z_s = 0.f, z_h = 0.f;
   float w = 0.f;
+  float q_at = -INFINITY;  // Q's logit at P's argmax (the first one, in merge order)
 };
 
 // exp((m_old - m_new) * inv_t): the factor that moves a sum from max m_old to max m_new >= m_old.
@@ -74,28 +79,49 @@ FD_HD float kd_rescale(float m_old, float m_new, float inv_t) {
   return m_old == -INFINITY ? 0.f : expf((m_old - m_new) * inv_t);
 }
 
-// Re-centres w from (mP_old, mQ_old) onto (mP_new, mQ_new): w' = (w - (dP - dQ) zP) exp(-dP).
-FD_HD float kd_shift_w(float w, float zP, float mP_old, float mP_new, float mQ_old, float mQ_new, float inv_t) {
-  if (zP == 0.f) return 0.f;
-  const float dQ = mQ_old == -INFINITY ? 0.f : mQ_new - mQ_old;  // w is already +inf in that case
-  return (w - ((mP_new - mP_old) - dQ) * inv_t * zP) * kd_rescale(mP_old, mP_new, inv_t);
+// x - x is 0 exactly for finite x and NaN for inf and NaN (no isfinite: the same code compiles for host and device).
+FD_HD bool kd_finite(float x) { return x - x == 0.f; }
+
+// The centre k of w's log ratio: P - Q at P's argmax, or mP - mQ (maxima of -inf read as 0) where that is
+// not finite (Q is -inf there: the divergence is +inf anyway; or the row is empty).
+FD_HD float kd_centre(float m_p, float m_q, float q_at) {
+  const float k = m_p - q_at;
+  if (kd_finite(k)) return k;
+  return (m_p == -INFINITY ? 0.f : m_p) - (m_q == -INFINITY ? 0.f : m_q);
 }
 
-// Moves a state onto new maxima, rescaling its sums.
-FD_HD void kd_recentre(KdPartial& x, float m_t, float m_s, float inv_t, bool teacher_primary) {
-  if (teacher_primary) x.w = kd_shift_w(x.w, x.z_t, x.m_t, m_t, x.m_s, m_s, inv_t);
-  else x.w = kd_shift_w(x.w, x.z_s, x.m_s, m_s, x.m_t, m_t, inv_t);
+// k - mP + mQ: what the centre takes out of the log ratio beyond the maxima, mQ - (Q at P's argmax),
+// formed directly (0 for the fallback centre, measured from the same maxima as the log sums).
+FD_HD float kd_centre_offset(float m_q, float m_p, float q_at) { return kd_finite(m_p - q_at) ? m_q - q_at : 0.f; }
+
+FD_HD bool kd_teacher_primary(Divergence d) { return d != Divergence::reverse_kl; }
+
+// Moves a state onto new maxima and P's argmax value q_at, rescaling its sums:
+// w' = (w - (k' - k) zP / T) exp((mP - mP') / T).
+FD_HD void kd_recentre(KdPartial& x, float m_t, float m_s, float q_at, float inv_t, bool teacher_primary) {
+  const float zp = teacher_primary ? x.z_t : x.z_s;
+  if (zp == 0.f) {
+    x.w = 0.f;
+  } else {
+    const float k_old = teacher_primary ? kd_centre(x.m_t, x.m_s, x.q_at) : kd_centre(x.m_s, x.m_t, x.q_at);
+    const float k_new = teacher_primary ? kd_centre(m_t, m_s, q_at) : kd_centre(m_s, m_t, q_at);
+    const float mp_old = teacher_primary ? x.m_t : x.m_s, mp_new = teacher_primary ? m_t : m_s;
+    if (k_new != k_old || mp_new != mp_old) x.w = (x.w - (k_new - k_old) * inv_t * zp) * kd_rescale(mp_old, mp_new, inv_t);
+  }
   x.z_t *= kd_rescale(x.m_t, m_t, inv_t);
   x.z_s *= kd_rescale(x.m_s, m_s, inv_t);
   x.z_h *= kd_rescale(x.m_s, m_s, 1.f);
   x.m_t = m_t;
   x.m_s = m_s;
+  x.q_at = q_at;
 }
 
 FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, float inv_t, bool teacher_primary) {
   const float m_t = fmaxf(x.m_t, y.m_t), m_s = fmaxf(x.m_s, y.m_s);
-  kd_recentre(x, m_t, m_s, inv_t, teacher_primary);
-  kd_recentre(y, m_t, m_s, inv_t, teacher_primary);
+  const bool y_leads = teacher_primary ? y.m_t > x.m_t : y.m_s > x.m_s;
+  const float q_at = y_leads ? y.q_at : x.q_at;
+  kd_recentre(x, m_t, m_s, q_at, inv_t, teacher_primary);
+  kd_recentre(y, m_t, m_s, q_at, inv_t, teacher_primary);
   x.z_t += y.z_t;
   x.z_s += y.z_s;
   x.z_h += y.z_h;
@@ -103,14 +129,13 @@ FD_HD KdPartial kd_merge(KdPartial x, KdPartial y, float inv_t, bool teacher_pri
   return x;
 }
 
-FD_HD bool kd_teacher_primary(Divergence d) { return d != Divergence::reverse_kl; }
-
 // Coefficients of one row's gradient: d loss / d student_j =
 //   soft * dD/db_j + hard * (softmax(student)_j - [j == label]).
 struct KdRowGrad {
   float soft = 0.f;  // grad_row * soft_coef / T
   float hard = 0.f;  // grad_row * hard_weight
   float m_s = 0.f, lz_s = 0.f, m_t = 0.f, lz_t = 0.f, lz_h = 0.f, aux = 0.f;
+  float centre = 0.f;  // reverse KL: the k of w (kd_centre), which its gradient's log ratio is measured from
   int64_t label = -1;  // column that gets -hard, or -1
 };
 
@@ -126,9 +151,19 @@ FD_HD KdRowGrad kd_row_lse(const KdPartial& x, bool separate_hard) {
 }
 
 // The divergence of a finished row for forward / reverse KL (JSD needs its second pass), from the row's
-// state and its logsumexp halves (lse = kd_row_lse(x, .): the logs are not taken twice).
-FD_HD float kd_kl_from_state(const KdPartial& x, const KdRowGrad& lse, Divergence d) {
-  return d == Divergence::forward_kl ? x.w / x.z_t - lse.lz_t + lse.lz_s : x.w / x.z_s - lse.lz_s + lse.lz_t;
+// state and its logsumexp halves (lse = kd_row_lse(x, .): the logs are not taken twice):
+// KL = w / zP + (k - mP + mQ) / T - lz_P + lz_Q.
+FD_HD float kd_kl_from_state(const KdPartial& x, const KdRowGrad& lse, Divergence d, float inv_t) {
+  if (d == Divergence::forward_kl) return x.w / x.z_t + kd_centre_offset(x.m_s, x.m_t, x.q_at) * inv_t - lse.lz_t + lse.lz_s;
+  return x.w / x.z_s + kd_centre_offset(x.m_t, x.m_s, x.q_at) * inv_t - lse.lz_s + lse.lz_t;
+}
+
+// What a finished KL row's gradient needs beyond the logsumexps: reverse KL's log q/p - KL is
+// (s - t - k) / T - w / z_s, so the row keeps k and the mean w / z_s (the two cancel exactly where q = 1).
+FD_HD void kd_set_gradient_stats(const KdPartial& x, Divergence d, KdRowGrad& lse) {
+  const bool rkl = d == Divergence::reverse_kl;
+  lse.aux = rkl ? x.w / x.z_s : 0.f;
+  lse.centre = rkl ? kd_centre(x.m_s, x.m_t, x.q_at) : 0.f;
 }
 
 FD_HD void kd_store_stats(const KdRowGrad& r, float* stats_row) {
@@ -138,7 +173,8 @@ FD_HD void kd_store_stats(const KdRowGrad& r, float* stats_row) {
   stats_row[kStatLogSumTeacher] = r.lz_t;
   stats_row[kStatLogSumHard] = r.lz_h;
   stats_row[kStatAux] = r.aux;
-  stats_row[6] = stats_row[7] = 0.f;
+  stats_row[kStatCentre] = r.centre;
+  stats_row[7] = 0.f;
 }
 
 FD_HD KdRowGrad kd_load_stats(const float* stats_row) {
@@ -149,6 +185,7 @@ FD_HD KdRowGrad kd_load_stats(const float* stats_row) {
   r.lz_t = stats_row[kStatLogSumTeacher];
   r.lz_h = stats_row[kStatLogSumHard];
   r.aux = stats_row[kStatAux];
+  r.centre = stats_row[kStatCentre];
   return r;
 }
 
