@@ -1,4 +1,4 @@
-// The distillation loss's CPU kernel table: one per ISA level (kd_loss_{scalar,avx2,avx512}.cpp, each compiling
+// The distillation loss's CPU kernel table: one per ISA level (kd_loss_{scalar,avx2,avx512,avx512bf16}.cpp, each compiling
 // the kernels of kd_loss_per_isa.inc for its level), chosen by kd_kernels().
 #pragma once
 #include "cpu/cpu_isa.h"
@@ -33,6 +33,7 @@ namespace scalar { extern const kd::KdKernels kd_table; }
 #if defined(__x86_64__)
 namespace avx2 { extern const kd::KdKernels kd_table; }
 namespace avx512 { extern const kd::KdKernels kd_table; }
+namespace avx512bf16 { extern const kd::KdKernels kd_table; }
 #endif
 }  // namespace fastdistill::cpu
 
@@ -40,7 +41,7 @@ namespace fastdistill::cpu::kd {
 
 inline IsaTables<KdKernels> kd_tables() {
 #if defined(__x86_64__)
-  return {&scalar::kd_table, &avx2::kd_table, &avx512::kd_table, nullptr};
+  return {&scalar::kd_table, &avx2::kd_table, &avx512::kd_table, &avx512bf16::kd_table};
 #else
   return {&scalar::kd_table, nullptr, nullptr, nullptr};
 #endif

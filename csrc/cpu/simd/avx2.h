@@ -96,22 +96,33 @@ inline void vstore_tail(T* p, VecF x, int n) {
   for (int i = 0; i < n; ++i) p[i] = buf[i];
 }
 
-// 2^x to ~2 ulp (see avx512.h); exactly 0 below -126 (no subnormals) and for -inf; NaN propagates.
-inline VecF vexp2(VecF x) {
+// 2^x as p(f) * 2^n, n = round(x), f = x - n in [-1/2, 1/2], with x clamped to [-126, 127] and x < -126 (-inf
+// included) giving 0. p(f) = 1 + f (c[N-1] + f (... + f c[0])), a relative-minimax fit of 2^f with p(0) = 1.
+template <int N>
+inline VecF exp2_poly(VecF x, const float (&c)[N]) {
   const __m256 lo = _mm256_set1_ps(-126.0f);
   const __m256 xc = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(lo, x.v));
   const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(xc, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-04f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428441e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284770e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821576e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910070e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994530e-01f));
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (int i = 1; i < N; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y)};  // underflow and -inf -> 0
+}
+
+inline VecF vexp2(VecF x) {  // degree 6
+  static constexpr float c[] = {1.5403530393381606e-04f, 1.3333558146428441e-03f, 9.6181291076284770e-03f,
+                                5.5504108664821576e-02f, 2.4022650695910070e-01f, 6.9314718055994530e-01f};
+  return exp2_poly(x, c);
+}
+
+// For 16-bit logits (kd_loss_per_isa.inc's exp2_for): degree 4, relative error 3e-6.
+inline VecF vexp2_16bit(VecF x) {
+  static constexpr float c[] = {0.009582855738699436f, 0.05590646713972092f, 0.24024099111557007f,
+                                0.6931241750717163f};
+  return exp2_poly(x, c);
 }
 
 // log2(1 + u) for u in [0, 1] via 2 atanh(u / (2 + u)) / ln 2.

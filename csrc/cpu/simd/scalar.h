@@ -53,6 +53,7 @@ inline void vstore_tail(T* p, VecF x, int n) {
   for (int i = 0; i < n; ++i) from_float(x.v[i], p + i);
 }
 inline VecF vexp2(VecF x) { return vmap([&](int i) { return std::exp2(x.v[i]); }); }
+inline VecF vexp2_16bit(VecF x) { return vexp2(x); }  // the portable path keeps libm's exp for every dtype
 inline VecF vlog2_1p01(VecF u) { return vmap([&](int i) { return std::log1p(u.v[i]) * 1.4426950408889634f; }); }
 
 }  // namespace fastdistill::cpu::scalar
