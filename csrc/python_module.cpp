@@ -33,6 +33,14 @@ std::map<std::string, std::string> kernel_levels() {
           {"sparse24", isa_name(kernels_level(sparse24::sparse24_tables()))}};
 }
 
+// The level each family's last CPU kernel call ran ("none" before the first).
+std::map<std::string, std::string> dispatched_levels() {
+  auto name = [](int level) { return std::string(level < 0 ? "none" : isa_name(CpuIsa(level))); };
+  return {{"kd_loss", name(dispatched_level<kd::KdKernels>().load())},
+          {"int8", name(dispatched_level<int8::Int8Kernels>().load())},
+          {"sparse24", name(dispatched_level<sparse24::Sparse24Kernels>().load())}};
+}
+
 // The constants of int8_pack_weight's layout on a device type ("cpu" or "cuda"), from which ops.py computes
 // the packed size, symbolically under torch.compile: header + round_up(n, row_block) * (row_bytes +
 // round_up(k, k_align)) + (k_tail ? round_up(k, k_align) - k : 0).
@@ -61,6 +69,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_cpu_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("set_cpu_isa", &set_cpu_isa, "Force a CPU ISA level: avx512bf16 | avx512 | avx2 | scalar | auto");
   m.def("kernel_levels", &kernel_levels);
+  m.def("dispatched_levels", &dispatched_levels);
   m.def("int8_packed_layout", &int8_packed_layout);
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();

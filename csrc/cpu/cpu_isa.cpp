@@ -3,6 +3,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
+#include <utility>
+#include <algorithm>
 
 #if defined(__x86_64__)
 #include <xmmintrin.h>
@@ -10,6 +13,30 @@
 
 namespace fastdistill::cpu {
 namespace {
+
+// FASTDISTILL_CPU_HIDE=avx512vnni,avx512bf16,...: run as if the CPU lacked these features (what fastdistill does on
+// an AVX-512 CPU without VNNI, say, can be seen and tested on one that has it).
+void hide_features(CpuFeatures& f) {
+  const char* env = std::getenv("FASTDISTILL_CPU_HIDE");
+  std::string list = env ? env : "";
+  const std::pair<const char*, bool*> names[] = {
+      {"avx2", &f.avx2}, {"fma", &f.fma}, {"f16c", &f.f16c}, {"bmi2", &f.bmi2}, {"avx512f", &f.avx512f},
+      {"avx512bw", &f.avx512bw}, {"avx512vl", &f.avx512vl}, {"avx512dq", &f.avx512dq},
+      {"avx512vnni", &f.avx512vnni}, {"avx512bf16", &f.avx512bf16}, {"avx512vbmi", &f.avx512vbmi},
+      {"avxvnni", &f.avxvnni}};
+  for (size_t start = 0; start < list.size();) {
+    const size_t end = std::min(list.find(',', start), list.size());
+    const std::string name = list.substr(start, end - start);
+    bool known = false;
+    for (const auto& [n, flag] : names)
+      if (name == n) *flag = false, known = true;
+    if (!known && !name.empty())
+      throw std::invalid_argument("fastdistill: FASTDISTILL_CPU_HIDE names an unknown CPU feature '" + name +
+                                  "' (known: avx2, fma, f16c, bmi2, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, "
+                                  "avx512bf16, avx512vbmi, avxvnni)");
+    start = end + 1;
+  }
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -28,6 +55,7 @@ CpuFeatures detect() {
   f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
   f.avxvnni = __builtin_cpu_supports("avxvnni");
 #endif
+  hide_features(f);
   return f;
 }
 

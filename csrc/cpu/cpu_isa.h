@@ -1,7 +1,7 @@
 // Runtime CPU ISA selection, and the one dispatch pattern every op family uses: a kernel table per ISA level,
 // picked from the level in force. The level is chosen at first use from FASTDISTILL_CPU_ISA (auto | avx512bf16 |
 // avx512 | avx2 | scalar) and the CPU's features, and can be changed at run time (tests run every path in one
-// process).
+// process). FASTDISTILL_CPU_HIDE=feature,... makes the detection ignore features (tests of CPUs that lack them).
 //
 // Levels, each a superset of the one below:
 //   scalar      portable C++
@@ -13,6 +13,7 @@
 // for it (the others fall back to the level below).
 #pragma once
 #include <array>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -42,20 +43,28 @@ std::vector<std::string> compiled_isas();
 template <class Kernels>
 using IsaTables = std::array<const Kernels*, kNumIsas>;
 
-// The table of the level in force, or of the nearest level below that has one.
-template <class Kernels>
-const Kernels& kernels_for(const IsaTables<Kernels>& tables, CpuIsa isa = active_isa()) {
-  for (int i = int(isa); i > 0; --i)
-    if (tables[i] != nullptr) return *tables[i];
-  return *tables[0];
-}
-
 // The level whose table kernels_for would use (what `fastdistill info` reports per family).
 template <class Kernels>
 CpuIsa kernels_level(const IsaTables<Kernels>& tables, CpuIsa isa = active_isa()) {
   for (int i = int(isa); i > 0; --i)
     if (tables[i] != nullptr) return CpuIsa(i);
   return CpuIsa::scalar;
+}
+
+// The level of the table a family's last kernel call ran (-1: none yet): tests read it to prove that the switch
+// reached the kernels, also where two levels give the same bits.
+template <class Kernels>
+std::atomic<int>& dispatched_level() {
+  static std::atomic<int> level{-1};
+  return level;
+}
+
+// The table of the level in force, or of the nearest level below that has one.
+template <class Kernels>
+const Kernels& kernels_for(const IsaTables<Kernels>& tables, CpuIsa isa = active_isa()) {
+  const CpuIsa level = kernels_level(tables, isa);
+  dispatched_level<Kernels>().store(int(level), std::memory_order_relaxed);
+  return *tables[int(level)];
 }
 
 // While alive, this thread flushes denormal results to zero and reads denormal inputs as zero (MXCSR FTZ + DAZ;

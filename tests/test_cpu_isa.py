@@ -1,0 +1,104 @@
+"""The CPU ISA switch: each level runs its own kernels (the tables the calls dispatched to, and bitwise-different
+results where the levels' arithmetic differs), `kernel_levels` says which table each op family uses, and a level the CPU lacks (FASTDISTILL_CPU_HIDE simulates such a CPU) is a clear
+error by variable and by context manager."""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdistill
+from fastdistill import ops
+from fastdistill.isa import available_cpu_isas
+from fastdistill.reference import compressed_2_4_sample
+
+C = fastdistill._ext._C
+# The highest level with its own table, per family (a missing entry falls to the level below).
+OWN_LEVELS = {"int8": ["scalar", "avx2", "avx512", "avx512bf16"], "kd_loss": ["scalar", "avx2", "avx512", "avx512bf16"],
+              "sparse24": ["scalar", "avx2", "avx512"]}
+ORDER = ["scalar", "avx2", "avx512", "avx512bf16"]
+
+
+def _expected_levels(isa):
+    return {fam: max((lv for lv in own if ORDER.index(lv) <= ORDER.index(isa)), key=ORDER.index)
+            for fam, own in OWN_LEVELS.items()}
+
+
+def _outputs():
+    """One fp32 result per family whose kernels differ in summation order between levels."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(9, 5000, generator=g), torch.randn(9, 5000, generator=g)
+    x = s.clone().requires_grad_()
+    loss = fastdistill.kd_loss(x, t, divergence="jsd", reduction="none")
+    loss.sum().backward()
+    a = torch.randn(7, 3000, generator=g)
+    w = torch.randn(64, 3000, generator=g)
+    q, scale = ops.quantize_per_channel(w)
+    wo = ops.int8_weight_only_linear(a, ops.int8_pack_weight(q), scale)
+    values, meta, _ = compressed_2_4_sample(torch.randn(64, 512, generator=g))
+    sp = ops.sparse24_linear(torch.randn(5, 512, generator=g), values, meta)
+    return {"kd_loss": torch.cat([loss, x.grad.flatten()]), "int8": wo, "sparse24": sp}
+
+
+# Where two levels' arithmetic differs, so must their bits. Not for int8, whose SIMD levels sum in the same order
+# (int32 sums are exact; weight-only's fp32 sums follow the packed layout), nor between avx512 and avx512bf16 on
+# fp32 data (they differ only where bf16 comes in or goes out): there the dispatch record is the proof.
+BITWISE_DIFFERENT = ("kd_loss", "sparse24")
+SAME_FP32_CODE = {frozenset({"avx512", "avx512bf16"})}
+
+
+@pytest.mark.parametrize("isa", available_cpu_isas())
+def test_kernel_levels_follow_the_switch(isa):
+    with fastdistill.cpu_isa(isa):
+        assert fastdistill.isa.active_cpu_isa() == isa
+        assert C.kernel_levels() == _expected_levels(isa)
+
+
+def test_every_level_runs_its_own_kernels():
+    outs = {}
+    for isa in available_cpu_isas():
+        with fastdistill.cpu_isa(isa):
+            outs[isa] = _outputs()
+            assert C.dispatched_levels() == _expected_levels(isa)  # what the kernel calls above ran
+    for a, b in itertools.combinations(outs, 2):
+        for family in BITWISE_DIFFERENT:
+            levels = frozenset({_expected_levels(a)[family], _expected_levels(b)[family]})
+            if len(levels) == 2 and levels not in SAME_FP32_CODE:
+                assert not torch.equal(outs[a][family], outs[b][family]), (family, a, b)
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
+
+
+def test_a_cpu_without_vnni_runs_avx2_and_says_so():
+    code = ("import fastdistill; print(fastdistill.isa.available_cpu_isas()); "
+            "print(fastdistill._ext._C.kernel_levels())")
+    out = _run(code, FASTDISTILL_CPU_HIDE="avx512vnni")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["['avx2', 'scalar']", str(_expected_levels("avx2"))]
+    info = subprocess.run([sys.executable, "-m", "fastdistill", "info"], capture_output=True, text=True,
+                          env=dict(os.environ, FASTDISTILL_CPU_HIDE="avx512vnni"), check=True).stdout
+    assert "best for this cpu: avx2" in info and "int8 avx2, kd_loss avx2, sparse24 avx2" in info
+
+
+@pytest.mark.parametrize("how", ["variable", "context manager"])
+def test_a_level_the_cpu_lacks_is_a_clear_error(how):
+    if how == "variable":
+        code = "import torch, fastdistill; fastdistill.kd_loss(torch.randn(2, 5), torch.randn(2, 5))"
+        out = _run(code, FASTDISTILL_CPU_HIDE="avx512bf16", FASTDISTILL_CPU_ISA="avx512bf16")
+        origin = "FASTDISTILL_CPU_ISA"
+    else:
+        code = "import fastdistill\nwith fastdistill.cpu_isa('avx512bf16'):\n    pass"
+        out = _run(code, FASTDISTILL_CPU_HIDE="avx512bf16")
+        origin = "set_cpu_isa"
+    assert out.returncode != 0
+    assert (f"fastdistill: {origin} asks for the avx512bf16 path, which this CPU cannot run (best available: avx512)"
+            in out.stderr), out.stderr
+
+
+def test_unknown_hidden_feature_is_a_clear_error():
+    out = _run("import fastdistill; fastdistill.isa.available_cpu_isas()", FASTDISTILL_CPU_HIDE="avx9")
+    assert out.returncode != 0 and "FASTDISTILL_CPU_HIDE names an unknown CPU feature 'avx9'" in out.stderr
