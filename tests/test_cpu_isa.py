@@ -102,3 +102,43 @@ def test_a_level_the_cpu_lacks_is_a_clear_error(how):
 def test_unknown_hidden_feature_is_a_clear_error():
     out = _run("import fastdistill; fastdistill.isa.available_cpu_isas()", FASTDISTILL_CPU_HIDE="avx9")
     assert out.returncode != 0 and "FASTDISTILL_CPU_HIDE names an unknown CPU feature 'avx9'" in out.stderr
+
+
+def _thread_sensitive_outputs(dtype):
+    """Outputs of every op whose work is split across threads: kd (training path, no-grad forward; row-parallel
+    and split long rows), int8 W8A8 and weight-only (K > 2048: several K slices), 2:4 (values in `dtype`)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for shape in [(70, 3001), (3, 40000)]:
+        s = torch.randn(shape, generator=g).to(dtype)
+        t = torch.randn(shape, generator=g).to(dtype)
+        x = s.clone().requires_grad_()
+        loss = fastdistill.kd_loss(x, t, divergence="jsd", reduction="none")
+        loss.backward(torch.rand(loss.shape, generator=g))
+        with torch.no_grad():
+            out += [loss, x.grad, fastdistill.kd_loss(s, t, divergence="reverse_kl", reduction="none")]
+    w = torch.randn(70, 4500, generator=g)
+    q, scale = ops.quantize_per_channel(w)
+    packed, bias = ops.int8_pack_weight(q), torch.randn(70, generator=g)
+    a = torch.randn(33, 4500, generator=g).to(dtype)
+    out += [ops.int8_weight_only_linear(a, packed, scale, bias), ops.int8_linear(a, packed, scale, bias)]
+    values, meta, _ = compressed_2_4_sample(torch.randn(96, 1024, generator=g))
+    out.append(ops.sparse24_linear(torch.randn(40, 1024, generator=g).to(dtype), values.to(dtype), meta))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa", available_cpu_isas())
+def test_results_do_not_depend_on_the_thread_count(isa, dtype):
+    threads = torch.get_num_threads()
+    try:
+        with fastdistill.cpu_isa(isa):
+            runs = []
+            for n in (1, 2, 3, 7):
+                torch.set_num_threads(n)
+                runs.append(_thread_sensitive_outputs(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], run)):
+            assert torch.equal(a, b), i
