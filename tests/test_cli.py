@@ -24,9 +24,23 @@ def test_info_reports_build():
     with fastdistill.cpu_isa("avx2"):
         levels = c.kernel_levels()
     assert levels == {"int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
-    assert "cpu kernels per op family: int8 " in out and "kd_loss " in out and "sparse24 " in out
-    assert "kd_loss_forward" in out and "cpu" in out
-    assert "cuda:" in out
+    assert c.compiled_cpu_isas() == (["avx512bf16", "avx512", "avx2", "scalar"] if os.uname().machine == "x86_64"
+                                     else ["scalar"])
+    active = c.kernel_levels()
+    assert f"cpu kernels per op family: int8 {active['int8']}, kd_loss {active['kd_loss']}, " \
+           f"sparse24 {active['sparse24']}" in out
+    # Every op with the devices it has kernels for in this build: kd_loss_fused (the eager CPU training path) is
+    # CPU-only, every other op has a CUDA kernel when the build has CUDA.
+    cuda = c.built_with_cuda()
+    ops = ["int8_gemm_s32", "int8_linear", "int8_pack_weight", "int8_unpack_weight", "int8_weight_only_linear",
+           "kd_loss_backward", "kd_loss_forward", "kd_loss_fused", "quantize_per_channel", "quantize_per_token",
+           "sparse24_int8_linear", "sparse24_linear", "sparse24_pack"]
+    listed = out.split("registered ops:\n", 1)[1].split()
+    for op in ops:
+        devices = "cpu, cuda" if cuda and op != "kd_loss_fused" else "cpu"
+        i = listed.index(op)
+        assert " ".join(listed[i + 1:i + 1 + len(devices.split())]) == devices, op
+    assert "cuda: built for" in out if cuda else "cuda: not built" in out
 
 
 @pytest.fixture(scope="module")

@@ -332,56 +332,56 @@ def test_to_device_and_dtype_repacks():
 def test_errors():
     _, q, s, p, b = _packed(16, 32)
     x = torch.randn(2, 32)
-    with pytest.raises(RuntimeError, match=r"quantize_per_channel: w must be 2-D"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.quantize_per_channel: w must be 2-D"):
         quantize_per_channel(torch.randn(4))
-    with pytest.raises(RuntimeError, match=r"int8_pack_weight: w_int8 must be 2-D"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_pack_weight: w_int8 must be 2-D"):
         ops.int8_pack_weight(torch.zeros(2, 3, 4, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match=r"int8_gemm_s32: w_int8 must be 2-D"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_gemm_s32: w_int8 must be 2-D"):
         ops.int8_gemm_s32(torch.zeros(2, 4, dtype=torch.int8), torch.zeros(4, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match=r"w_scales must have shape \[N\] = \[16\].*got \[15\]"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*w_scales must have shape \[N\] = \[16\].*got \[15\]"):
         ops.int8_linear(x, p, s[:15], b)
-    with pytest.raises(RuntimeError, match=r"w_scales must be 1-D"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_weight_only_linear: .*w_scales must be 1-D"):
         ops.int8_weight_only_linear(x, p, s[None], b)
-    with pytest.raises(RuntimeError, match=r"w_scales must be float32"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*w_scales must be float32"):
         ops.int8_linear(x, p, s.half(), b)
-    with pytest.raises(RuntimeError, match=r"int8_linear: x must have K=32 columns to match the weight, got 31"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: x must have K=32 columns to match the weight, got 31"):
         ops.int8_linear(x[:, :31], p, s, b)
-    with pytest.raises(RuntimeError, match=r"int8_weight_only_linear: x must have K=32 columns"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_weight_only_linear: x must have K=32 columns"):
         ops.int8_weight_only_linear(torch.randn(2, 33), p, s, b)
-    with pytest.raises(RuntimeError, match=r"int8_gemm_s32: x_int8 must have K=32 columns"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_gemm_s32: x_int8 must have K=32 columns"):
         ops.int8_gemm_s32(torch.zeros(2, 31, dtype=torch.int8), q)
-    with pytest.raises(RuntimeError, match=r"bias must have shape \[N\] = \[16\]"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*bias must have shape \[N\] = \[16\]"):
         ops.int8_linear(x, p, s, b[:3])
     for bad in (float("nan"), float("inf"), float("-inf")):
         w = torch.randn(4, 8)
         w[2, 5] = bad
-        with pytest.raises(RuntimeError, match=r"quantize_per_channel: w contains NaN or Inf"):
+        with pytest.raises(RuntimeError, match=r"^fastdistill\.quantize_per_channel: w contains NaN or Inf"):
             quantize_per_channel(w)
         with pytest.raises(RuntimeError, match=r"NaN or Inf"):
             Int8Linear.from_float(_lin_with(w))
     # unsupported dtypes
-    with pytest.raises(RuntimeError, match=r"int8_linear: x must be float32, bfloat16 or float16, got Double"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: x must be float32, bfloat16 or float16, got Double"):
         ops.int8_linear(x.double(), p, s, b)
-    with pytest.raises(RuntimeError, match=r"int8_weight_only_linear: x must be float32, bfloat16 or float16, got Int"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_weight_only_linear: x must be float32, bfloat16 or float16, got Int"):
         ops.int8_weight_only_linear(x.int(), p, s, b)
-    with pytest.raises(RuntimeError, match=r"quantize_per_token: x must be float32, bfloat16 or float16, got Long"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.quantize_per_token: x must be float32, bfloat16 or float16, got Long"):
         quantize_per_token(torch.ones(2, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"quantize_per_channel: w must be float32, bfloat16 or float16, got Double"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.quantize_per_channel: w must be float32, bfloat16 or float16, got Double"):
         quantize_per_channel(torch.ones(2, 3, dtype=torch.double))
-    with pytest.raises(RuntimeError, match=r"int8_pack_weight: w_int8 must be int8, got Float"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_pack_weight: w_int8 must be int8, got Float"):
         ops.int8_pack_weight(torch.ones(2, 3))
-    with pytest.raises(RuntimeError, match=r"int8_gemm_s32: x_int8 must be int8, got Float"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_gemm_s32: x_int8 must be int8, got Float"):
         ops.int8_gemm_s32(torch.ones(2, 32), q)
-    with pytest.raises(RuntimeError, match=r"bias must be float32, bfloat16 or float16, got Long"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*bias must be float32, bfloat16 or float16, got Long"):
         ops.int8_linear(x, p, s, torch.ones(16, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"int8_pack_weight: K must be at most 65536"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_pack_weight: K must be at most 65536"):
         ops.int8_pack_weight(torch.zeros(1, 65537, dtype=torch.int8))
     # not a packed weight
-    with pytest.raises(RuntimeError, match=r"w_packed must be a contiguous 1-D int8 tensor"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*w_packed must be a contiguous 1-D int8 tensor"):
         ops.int8_linear(x, q, s, b)
-    with pytest.raises(RuntimeError, match=r"w_packed is not a CPU packed int8 weight"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*w_packed is not a CPU packed int8 weight"):
         ops.int8_linear(x, torch.zeros(p.numel(), dtype=torch.int8), s, b)
-    with pytest.raises(RuntimeError, match=r"holds a \[16, 32\] weight, but N=16 K=31"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_unpack_weight: .*holds a \[16, 32\] weight, but N=16 K=31"):
         ops.int8_unpack_weight(p, 16, 31)
     # module-level
     with pytest.raises(ValueError, match=r"mode must be one of"):

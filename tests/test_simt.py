@@ -251,15 +251,15 @@ def test_kd_loss_label_out_of_range_is_a_device_assert(div, hw, bad):
 
 def test_kd_loss_errors():
     s = torch.randn(2, 10)
-    with pytest.raises(RuntimeError, match="student and teacher must have the same shape"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: (.*)?" "student and teacher must have the same shape"):
         ops.kd_loss_forward(s, torch.randn(2, 11), None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="divergence must be"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: (.*)?" "divergence must be"):
         ops.kd_loss_forward(s, s, None, 1.0, "kl", 0.5, -100, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="labels must be int64"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: (.*)?" "labels must be int64"):
         ops.kd_loss_forward(s, s, torch.zeros(2, dtype=torch.int32), 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="student logits must be float32, bfloat16 or float16"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: (.*)?" "student logits must be float32, bfloat16 or float16"):
         ops.kd_loss_forward(s.double(), s, None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: (.*)?" "temperature must be a finite number > 0"):
         ops.kd_loss_forward(s, s, None, 0.0, "forward_kl", 0.5, -100, 1.0, 0.0)
 
 
@@ -283,7 +283,7 @@ def test_int8_quantize_per_token(dtype, shape):
 def test_int8_quantize_per_channel_rejects_nonfinite():
     w = torch.randn(4, 8)
     w[1, 2] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN or Inf"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.quantize_per_channel: (.*)?" "NaN or Inf"):
         ops.quantize_per_channel(w)
 
 
@@ -343,13 +343,13 @@ def test_int8_linear_dtypes_and_batch_shape(dtype):
 def test_int8_errors():
     wq, ws = ops.quantize_per_channel(torch.randn(8, 32))
     packed = ops.int8_pack_weight(wq)
-    with pytest.raises(RuntimeError, match="w_packed has .* elements"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: (.*)?" "w_packed has .* elements"):
         ops.int8_linear(torch.randn(2, 31), packed, ws, None)
-    with pytest.raises(RuntimeError, match="bias must have shape"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: (.*)?" "bias must have shape"):
         ops.int8_linear(torch.randn(2, 32), packed, ws, torch.randn(7))
-    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: (.*)?" "x must be float32, bfloat16 or float16"):
         ops.int8_linear(torch.randn(2, 32).double(), packed, ws, None)
-    with pytest.raises(RuntimeError, match="x_int8 must have K=32"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_gemm_s32: (.*)?" "x_int8 must have K=32"):
         ops.int8_gemm_s32(torch.zeros(2, 31, dtype=torch.int8), wq)
 
 
@@ -407,11 +407,11 @@ def test_sparse24_int8_linear(M, N, K, dense_fallback):
 
 def test_sparse24_errors():
     values, meta, _ = compressed_2_4_sample(torch.randn(4, 16))
-    with pytest.raises(RuntimeError, match="K \\(x.size\\(-1\\)\\) to be a multiple of 4"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.sparse24_linear: (.*)?" "K \\(x.size\\(-1\\)\\) to be a multiple of 4"):
         ops.sparse24_linear(torch.randn(2, 15), values, meta, None)
-    with pytest.raises(RuntimeError, match="values must be \\[N, K/2\\]"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.sparse24_linear: (.*)?" "values must be \\[N, K/2\\]"):
         ops.sparse24_linear(torch.randn(2, 32), values, meta, None)
-    with pytest.raises(RuntimeError, match="meta must be uint8"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.sparse24_linear: (.*)?" "meta must be uint8"):
         ops.sparse24_linear(torch.randn(2, 16), values, meta.to(torch.int8), None)
-    with pytest.raises(RuntimeError, match="values must be int8"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.sparse24_int8_linear: (.*)?" "values must be int8"):
         ops.sparse24_int8_linear(torch.randn(2, 16), values, meta, torch.ones(4), None)
