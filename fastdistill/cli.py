@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="demo_out", help="directory for results.json, demo.png and the checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--quick", action="store_true", help="smaller teacher, at most 8 epochs")
+    p.add_argument("--quick", action="store_true", help="same training, fewer latency repeats")
     p = sub.add_parser("bench", help="kernel timings against eager, torch.compile, MKL and fbgemm baselines")
     p.add_argument("--only", default="kd,int8,sparse", help="comma-separated families: kd,int8,sparse")
     p.add_argument("--quick", action="store_true", help="a small subset of shapes (under 2 minutes)")

@@ -1,6 +1,7 @@
 """The command line: info, the end-to-end demo (quick mode) and the benchmark command."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -45,17 +46,19 @@ def test_info_reports_build():
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
+    """The quick demo (default epochs; it trains as the default run does) for seeds 0-4."""
     return [run_demo(out_dir=str(tmp_path_factory.mktemp(f"demo{seed}")), seed=seed, quick=True, log=lambda *_: None)
-            for seed in (0, 1)]
+            for seed in range(5)]
 
 
-def test_demo_distilled_student_beats_or_matches_hard_labels(demo_runs):
+def test_demo_distilled_student_beats_hard_labels(demo_runs):
     def acc(run, stage):
         return next(r["accuracy"] for r in run["stages"] if r["stage"] == stage)
 
-    hard = sum(acc(r, "student hard-label") for r in demo_runs) / len(demo_runs)
-    distilled = sum(acc(r, "student distilled") for r in demo_runs) / len(demo_runs)
-    assert distilled >= hard - 0.01, (distilled, hard)  # within noise (one test image is 0.2%)
+    # Same student, init, batches, epochs and Adam lr (the hard-label student's best); one test image is 0.22%.
+    gains = [acc(r, "student distilled") - acc(r, "student hard-label") for r in demo_runs]
+    mean, stderr = statistics.mean(gains), statistics.stdev(gains) / len(gains) ** 0.5
+    assert mean > 0 and mean > stderr, gains
 
 
 def test_demo_pruning_recovers_and_keeps_pattern(demo_runs):
@@ -100,7 +103,8 @@ def test_bench_quick_json_has_every_declared_case(tmp_path):
 
 
 def test_bench_rejects_unknown_family():
-    out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True,
+                         text=True)
     assert out.returncode != 0 and "--only takes kd,int8,sparse, got fft" in out.stderr
 
 
