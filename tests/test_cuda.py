@@ -177,6 +177,16 @@ def test_int8_linear_cuda(M, K, N, dtype):
     assert torch.equal(ops8.int8_gemm_s32(qx, wq).long().cpu(), qx.long().cpu() @ wq.long().cpu().T)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_per_token_equals_the_cpu_op(dtype):
+    x = (torch.randn(5, 3, 1001) * 4).to(dtype)
+    x[0, 1] = 0  # scale 0
+    x[1, 0, :3] = torch.tensor([127.0, 2.5, -0.5])  # amax 127: ties round half to even
+    q, s = torch.ops.fastdistill.quantize_per_token(x.cuda())
+    q_c, s_c = torch.ops.fastdistill.quantize_per_token(x)
+    assert torch.equal(q.cpu(), q_c) and torch.equal(s.cpu(), s_c)
+
+
 def test_int8_opcheck_and_compile_cuda():
     if not _int8_ops_built():
         pytest.skip("int8 schemas not in this build")
