@@ -1,6 +1,7 @@
 # make test  - create .venv if absent, install torch + build fastdistill, run the tests
 # make demo  - same setup, then run the end-to-end demo
 # make bench - same setup, then print the benchmark table
+# make gpu-check OUT=dir - on a GPU machine: build for sm_90, CUDA tests, sanitizers, GPU bench (benchmarks/gpu_check.sh)
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
@@ -9,7 +10,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 $(VENV)/.torch-installed:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/fastdistill bench
+
+gpu-check:  # the GPU machine's own python and torch; no setup (no registry there)
+	benchmarks/gpu_check.sh $(or $(OUT),$(error usage: make gpu-check OUT=dir))
 
 clean:
 	rm -rf build fastdistill/*.so *.egg-info

@@ -101,14 +101,24 @@ def test_kd_loss_matches_cpu_op(div):
 
 
 def test_kd_loss_noncontiguous_and_stream():
+    """Non-contiguous inputs, on a side stream: the op must launch on the current stream. The default stream
+    is kept busy (a sleep kernel, queued after the side stream's wait for the inputs) while the side stream's
+    result is read. Had the op launched on the default stream, the read would see an unwritten output, or
+    (if the op synchronised the device) find the default stream idle."""
     base = torch.randn(4, 9, 1000, device="cuda")
     s, t = base[:, :-1], torch.randn(4, 9, 1000, device="cuda")[:, 1:]
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        loss = fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")
-    stream.synchronize()
     ref = kd_loss_reference(s.double(), t.double(), temperature=2.0, reduction="none")
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")  # first-call setup happens here, not below
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # s and t were written on the default stream
+    torch.cuda._sleep(1_000_000_000)  # about half a second of the default stream
+    with torch.cuda.stream(side):
+        loss = fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")
+        got = loss.cpu()  # waits for the side stream alone
+    default_still_busy = not torch.cuda.default_stream().query()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.double(), ref.cpu(), rtol=1e-5, atol=1e-5)
+    assert default_still_busy, "the side stream's result waited for the default stream"
 
 
 def test_kd_loss_opcheck():

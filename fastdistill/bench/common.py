@@ -33,7 +33,12 @@ def sync(device: str = "cpu"):
 def time_fn(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0,
             device: str = "cpu") -> List[float]:
     """Seconds per call for `repeats` timed calls (after warm-up). Each sample is one call unless the
-    call is shorter than min_time, in which case a sample averages enough back-to-back calls."""
+    call is shorter than min_time, in which case a sample averages enough back-to-back calls. On CUDA the
+    GPU times it (fastdistill.bench.gpu.cuda_time: a CUDA graph of many calls between CUDA events)."""
+    if device == "cuda":
+        from fastdistill.bench.gpu import cuda_time
+
+        return cuda_time(fn, repeats=repeats, warmup=warmup, min_time=min_time)
     for _ in range(warmup):
         fn()
     sync(device)
@@ -111,21 +116,9 @@ def machine_limits(device: str = "cpu") -> Dict[str, float]:
     if _LIMITS is not None and _LIMITS.get("device") == device:
         return _LIMITS
     if device == "cuda":
-        n = 1 << 28
-        a = torch.empty(n, dtype=torch.uint8, device="cuda")
-        t = min(time_fn(lambda: a.clone(), repeats=5, device="cuda"))
-        bw = 2 * n / t / 1e9
-        m = 8192
-        ops = 2 * m**3
-        x32 = torch.randn(m, m, device="cuda")
-        xbf = x32.to(torch.bfloat16)
-        xi8 = torch.randint(-127, 127, (m, m), dtype=torch.int8, device="cuda")
-        # Each peak is measured with its own kernel (fp32 matmul, bf16 matmul, torch._int_mm).
-        t32 = min(time_fn(lambda: x32 @ x32, repeats=5, device="cuda"))
-        tbf = min(time_fn(lambda: xbf @ xbf, repeats=5, device="cuda"))
-        ti8 = min(time_fn(lambda: torch._int_mm(xi8, xi8), repeats=5, device="cuda"))
-        _LIMITS = {"device": "cuda", "mem_gbps": bw, "fp32_gflops": ops / t32 / 1e9,
-                   "bf16_gflops": ops / tbf / 1e9, "int8_gops": ops / ti8 / 1e9}
+        from fastdistill.bench.gpu import cuda_limits
+
+        _LIMITS = cuda_limits()
         return _LIMITS
     src = torch.empty(COLD_BYTES // 4, dtype=torch.float32)  # far beyond the LLC
     src.fill_(1.0)
