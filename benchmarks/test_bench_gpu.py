@@ -17,9 +17,13 @@ def pytest_generate_tests(metafunc):
     cases = bench_gpu.cases(quick=quick, device="cuda")  # allocates nothing
     if "baseline" in metafunc.fixturenames:
         pairs = [(c, name) for c in cases for name in c.baselines]
-        metafunc.parametrize("case,baseline", pairs, ids=[f"{c.family}|{c.op}|{c.shape}|{n}" for c, n in pairs])
+        metafunc.parametrize("case,baseline", pairs, ids=[f"{_id(c)}|{n}" for c, n in pairs])
     elif "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", cases, ids=[f"{c.family}|{c.op}|{c.shape}" for c in cases])
+        metafunc.parametrize("case", cases, ids=[_id(c) for c in cases])
+
+
+def _id(case):
+    return f"{case.family}|{case.op.split(' [')[0]}|{case.shape}"  # the op without its printed target
 
 
 def _bench(benchmark, case, fn):

@@ -59,7 +59,7 @@ def pytest_section(out, steps, dry):
     if dry:
         for name, step in steps.items():
             if name.startswith("collect"):
-                found = re.findall(r"(\d+) tests? collected", read(out, step["log"]))
+                found = re.findall(r"(\d+)(?:/\d+)? tests? collected", read(out, step["log"]))
                 lines.append(f"- `{name}`: {found[-1] if found else 'no'} tests collected ({step_status(step)})")
         return lines
     step = steps.get("pytest cuda")
@@ -117,6 +117,14 @@ def main(out):
     if total:
         lines += ["", f"Whole run before the summary: {total} s wall-clock"
                   + ("." if dry else " (the CUDA tests and the sanitizers run side by side).")]
+    lines += ["", "## Build", ""]
+    if dry:
+        lines += [f"- {ln}" for name in ("build_config.log", "kernel_list.log") for ln in read(out, name).splitlines()
+                  if ln.startswith(("build-config:", "kernels:", "FAIL:"))]
+    else:
+        build = steps.get("build")
+        lines.append(f"- sm_90 build with MAX_JOBS=all cores: {build['seconds']:.0f} s ({step_status(build)})"
+                     if build else "- not run")
     lines += ["", "## CUDA tests" + (" (collection only)" if dry else " (pytest -m cuda)"), ""]
     lines += pytest_section(out, steps, dry)
     lines += ["", "## Kernels" + ("" if dry else " x compute-sanitizer (kernel filter kns=fastdistill)"), ""]
@@ -134,6 +142,9 @@ def main(out):
         lines.append(targets_markdown(doc))
     else:
         lines.append(f"not measured: no gpu.json ({step_status(steps.get('bench'))})")
+    for name in failed:  # the end of each failed step's log, so that the summary alone shows why
+        tail = [ln[:200] for ln in read(out, steps[name]["log"]).splitlines() if ln.strip()][-8:]
+        lines += ["", f"### {name}: last lines of {steps[name]['log']}", "", "```"] + tail + ["```"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)

@@ -359,6 +359,9 @@ def run_cases(quick: bool, device: str, repeats: int) -> dict:
     from fastdistill.bench.runner import format_table, measure, roofline_seconds
 
     limits = machine_limits(device)
+    print(f"{limits.get('gpu', 'CPU tensors (a smoke run: figures mean nothing)')}: memory {limits['mem_gbps']:.0f} GB/s "
+          f"({'device-to-device copy' if device == 'cuda' else 'DRAM read'}, measured now), "
+          f"int8 {limits['int8_gops']:.0f} GOP/s (torch._int_mm)")
     results = []
     for case in cases(quick, device):
         r = measure(case, repeats, device)
