@@ -62,7 +62,6 @@ step() {
   echo "repository: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | grep -q . && echo '(uncommitted changes)')"
   echo "cpu: $(nproc) cores; $(uname -m)"
   if command -v nvidia-smi >/dev/null; then echo "gpu: $(nvidia-smi -L 2>&1 | head -2 | tr '\n' ' ')"; else echo "gpu: no nvidia-smi"; fi
-  "$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, torch CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")' 2>&1 | tail -1
   echo "CUDA_HOME=${CUDA_HOME:-unset}; nvcc: $("$CUDA_HOME/bin/nvcc" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo MISSING)"
   echo "compute-sanitizer: ${SANITIZER:-MISSING}${SANITIZER:+ ($("$SANITIZER" --version 2>/dev/null | grep -io 'version [0-9.]*' | head -1))}"
   echo "ninja: $(command -v ninja || echo 'not on PATH') ($("$PY" -c 'import ninja' 2>/dev/null && echo 'python package too' || echo 'no python package'))"
@@ -71,12 +70,20 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$LOGS/site" .whl/*.whl >>"$LOGS/env.txt" 2>&1 &&
     export PYTHONPATH=$PYTHONPATH:$LOGS/site && echo "wheels from .whl/ installed: $(ls .whl | tr '\n' ' ')" >>"$LOGS/env.txt"
 fi
-missing=()
-for m in pytest pytest_benchmark expecttest pytest_timeout; do
-  "$PY" -c "import $m" 2>/dev/null || missing+=("$m")
-done
-echo "python test packages missing: ${missing[*]:-none}" >>"$LOGS/env.txt"
-echo "torch.library.opcheck: $("$PY" -c 'import torch; torch.library.opcheck(torch.ops.aten.sin.default, (torch.randn(3),)); print("works")' 2>&1 | tail -1)" >>"$LOGS/env.txt"
+# One interpreter start (torch's import is the slow part): versions, the test packages, whether opcheck works.
+"$PY" - >>"$LOGS/env.txt" 2>&1 <<'EOF'
+import importlib.util, sys, torch
+print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, torch CUDA {torch.version.cuda}, "
+      f"cuda available: {torch.cuda.is_available()}")
+missing = [m for m in ("pytest", "pytest_benchmark", "expecttest", "pytest_timeout", "xdist") if importlib.util.find_spec(m) is None]
+print("python test packages missing:", " ".join(missing) or "none")
+try:
+    torch.library.opcheck(torch.ops.aten.sin.default, (torch.randn(3),))
+    print("torch.library.opcheck: works")
+except Exception as exc:
+    print(f"torch.library.opcheck: FAILS ({type(exc).__name__}: {exc})")
+EOF
+read -r -a missing <<<"$(grep '^python test packages missing:' "$LOGS/env.txt" | cut -d: -f2 | sed 's/ none$//')"
 have() { [[ " ${missing[*]} " != *" $1 "* ]]; }
 cat "$LOGS/env.txt"
 
@@ -85,13 +92,10 @@ if [[ $DRY == 1 ]]; then
   step "tools" 60 tools.log bash -c "command -v timeout awk tar && test -x '$CUDA_HOME/bin/nvcc' && '$PY' -c 'import torch, setuptools' && (command -v ninja || '$PY' -c 'import ninja')"
   step "build-config" 180 build_config.log "$PY" benchmarks/gpu_check/preflight.py build-config &
   step "kernel list" 60 kernel_list.log "$PY" benchmarks/gpu_check/preflight.py kernels &
-  if have pytest; then
-    step "collect tests -m cuda" 180 collect_cuda.log "$PY" -m pytest -q --collect-only -p no:cacheprovider tests -m cuda &
+  if have pytest && have pytest_benchmark; then  # what the GPU run's pytest runs, and the GPU benchmark suite
+    step "collect cuda tests" 180 collect.log "$PY" -m pytest -q --collect-only -p no:cacheprovider -m cuda tests benchmarks/test_bench_gpu.py --benchmark-disable &
   else
-    echo "pytest missing: the CUDA tests cannot run" >"$LOGS/pytest_skipped.txt"
-  fi
-  if have pytest && have pytest_benchmark; then
-    step "collect benchmarks/test_bench_gpu.py" 180 collect_bench.log "$PY" -m pytest -q --collect-only -p no:cacheprovider benchmarks/test_bench_gpu.py --benchmark-disable &
+    echo "pytest or pytest-benchmark missing (${missing[*]}): the CUDA tests cannot run" >"$LOGS/pytest_skipped.txt"
   fi
   for d in "${DRIVERS[@]}"; do
     step "emulator $d" 180 "emulator_$d.log" "$PY" "benchmarks/gpu_check/$d.py" --device simt &
@@ -106,7 +110,7 @@ else
   if have pytest; then
     pytest_args=(-m cuda -q -ra -p no:cacheprovider --junitxml="$LOGS/pytest_cuda.xml")
     have pytest_timeout && pytest_args+=(--timeout=60)
-    "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n 4)  # the torch.compile tests are the long pole
+    have xdist && pytest_args+=(-n 4)  # the torch.compile tests are the long pole
     step "pytest cuda" 120 pytest_cuda.log "$PY" -m pytest tests "${pytest_args[@]}" &
   else
     echo "pytest is missing on this machine: the CUDA tests did not run (the drivers below still check every kernel against the CPU ops)" >"$LOGS/pytest_skipped.txt"

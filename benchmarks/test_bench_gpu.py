@@ -9,6 +9,7 @@ import torch
 
 from fastdistill.bench import gpu as bench_gpu
 
+pytestmark = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -62,11 +62,13 @@ def sanitizer_cell(out, step, kernel, family_kernels):
 def pytest_section(out, steps, dry):
     lines = []
     if dry:
-        for name, step in steps.items():
-            if name.startswith("collect"):
-                found = re.findall(r"(\d+)(?:/\d+)? tests? collected", read(out, step["log"]))
-                lines.append(f"- `{name}`: {found[-1] if found else 'no'} tests collected ({step_status(step)})")
-        return lines
+        step = steps.get("collect cuda tests")
+        if step is None:
+            return ["- not run: " + (read(out, "pytest_skipped.txt").strip() or "see steps")]
+        ids = [ln.split("::")[0] for ln in read(out, step["log"]).splitlines() if "::" in ln]
+        for path in sorted(set(ids)):
+            lines.append(f"- `{path}`: {ids.count(path)} tests collected")
+        return lines + [f"- ({step_status(step)})"]
     step = steps.get("pytest cuda")
     xml_path = os.path.join(out, "pytest_cuda.xml")
     if step is None:
