@@ -109,7 +109,7 @@ else
   # ---- 2. CUDA tests and 3. the sanitizers, side by side (neither is timed)
   if have pytest; then
     pytest_args=(-m cuda -q -ra -p no:cacheprovider --junitxml="$LOGS/pytest_cuda.xml")
-    have pytest_timeout && pytest_args+=(--timeout=60)
+    have pytest_timeout && pytest_args+=(--timeout=90)  # a hung test still leaves the JUnit report
     have xdist && pytest_args+=(-n 4)  # the torch.compile tests are the long pole
     step "pytest cuda" 120 pytest_cuda.log "$PY" -m pytest tests "${pytest_args[@]}" &
   else
