@@ -108,9 +108,13 @@ def test_kd_loss_noncontiguous_and_stream():
     base = torch.randn(4, 9, 1000, device="cuda")
     s, t = base[:, :-1], torch.randn(4, 9, 1000, device="cuda")[:, 1:]
     ref = kd_loss_reference(s.double(), t.double(), temperature=2.0, reduction="none")
-    fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")  # first-call setup happens here, not below
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())  # s and t were written on the default stream
+    # A first call: its setup, and memory cached for this stream (no cudaMalloc below). Other inputs (t, s),
+    # so that what this leaves in the memory the second call reuses is not the expected loss.
+    with torch.cuda.stream(side):
+        fastdistill.kd_loss(t, s, temperature=2.0, reduction="none")
+    side.synchronize()
     torch.cuda._sleep(1_000_000_000)  # about half a second of the default stream
     with torch.cuda.stream(side):
         loss = fastdistill.kd_loss(s, t, temperature=2.0, reduction="none")
