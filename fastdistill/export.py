@@ -1,8 +1,15 @@
-"""int8 models in compressed-tensors' "int-quantized" W8A8 layout, which is fastdistill's dynamic scheme exactly
+"""Interchange with compressed-tensors (vLLM, llm-compressor).
+
+int8 models in compressed-tensors' "int-quantized" W8A8 layout, which is fastdistill's dynamic scheme exactly
 (vLLM and llm-compressor read it): model.safetensors holds, for every Int8Linear `L`, `L.weight` int8 [out, in]
 and `L.weight_scale` fp32 [out, 1] (plus `L.bias`); config.json holds a `quantization_config` that says
 channel-wise symmetric 8-bit int weights and dynamic per-token symmetric 8-bit int input activations, targets
 "Linear", and names every other nn.Linear in `ignore`. Other parameters and buffers are stored as they are.
+
+2:4 weights: a converter between fastdistill's canonical (values, meta) and compressed-tensors' legacy
+"sparse-24-bitmask" tensors for one weight `L`: `L.compressed` [rows, cols/2] (the kept values, row by row in
+ascending column order: exactly our `values`), `L.bitmask` uint8 [rows, ceil(cols/8)] (1 = kept, column c in
+bit c % 8 of byte c // 8, little-endian bit order) and `L.shape` int64 [[rows], [cols]].
 """
 import json
 import re
@@ -13,6 +20,7 @@ import torch
 from torch import nn
 
 from fastdistill.quant import Int8Linear
+from fastdistill.sparse.format import check_format, check_k
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -126,3 +134,40 @@ def load_int8(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"fastdistill.load_int8: the checkpoint does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")
     return model
+
+
+def to_sparse24_bitmask(values: torch.Tensor, meta: torch.Tensor):
+    """Canonical 2:4 (values [N, K/2], meta) -> compressed-tensors' (compressed [N, K/2], bitmask uint8
+    [N, ceil(K/8)], shape int64 [[N], [K]])."""
+    k = check_format(values, meta, "to_sparse24_bitmask")
+    n, g = values.shape[0], k // 4
+    codes = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(n, -1)[:, :g].long()
+    kept = torch.zeros(n, g, 4, dtype=torch.bool, device=meta.device)
+    kept.scatter_(-1, torch.stack([codes & 3, codes >> 2], dim=-1), True)
+    if int(kept.sum()) != 2 * n * g:
+        raise ValueError("fastdistill.to_sparse24_bitmask: meta is invalid: a group names the same column twice")
+    bits = torch.nn.functional.pad(kept.reshape(n, k), (0, -k % 8)).reshape(n, -1, 8).to(torch.uint8)
+    bitmask = (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(-1, dtype=torch.uint8)
+    return values.contiguous(), bitmask, torch.tensor([[n], [k]], dtype=torch.int64)
+
+
+def from_sparse24_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape) -> tuple:
+    """compressed-tensors' sparse-24-bitmask (compressed, bitmask, shape) -> canonical 2:4 (values, meta). The
+    bitmask must keep exactly 2 columns of every group of 4 (as compressed-tensors writes it)."""
+    n, k = (int(v) for v in torch.as_tensor(shape).flatten().tolist())
+    check_k(k, "from_sparse24_bitmask")
+    if tuple(compressed.shape) != (n, k // 2) or bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (n, (k + 7) // 8):
+        raise ValueError(f"fastdistill.from_sparse24_bitmask: for shape [{n}, {k}] expected compressed [{n}, {k // 2}] "
+                         f"and uint8 bitmask [{n}, {(k + 7) // 8}], got {list(compressed.shape)} and {bitmask.dtype} "
+                         f"{list(bitmask.shape)}")
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bitmask.device)) & 1
+    kept = bits.reshape(n, -1)[:, :k].reshape(n, k // 4, 4).bool()
+    if bool((kept.sum(-1) != 2).any()):
+        r, grp = (kept.sum(-1) != 2).nonzero()[0].tolist()
+        raise ValueError(f"fastdistill.from_sparse24_bitmask: row {r}, columns {4 * grp}..{4 * grp + 3} keep "
+                         f"{int(kept[r, grp].sum())} of 4 (the layout keeps exactly 2)")
+    sel = kept.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :2].sort(dim=-1).values
+    codes = (sel[..., 0] | (sel[..., 1] << 2)).to(torch.uint8)
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(n, 1)], dim=1)
+    return compressed.contiguous(), (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()

@@ -104,3 +104,32 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match=r"fastdistill.load_int8: the checkpoint does not fit the model"):
         save_int8(fastdistill.quantize_(float_model()), tmp_path)
         load_int8(nn.Sequential(nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 12, bias=False)), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- 2:4 bitmask converter
+@pytest.mark.parametrize("k", [4, 12, 64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse24_bitmask_matches_compressed_tensors(k, dtype):
+    from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
+    from fastdistill.export import from_sparse24_bitmask, to_sparse24_bitmask
+    w = torch.randn(9, k).to(dtype)
+    w[0, :4] = 0   # a group with no nonzeros still names (and stores) 2 columns
+    mask = fastdistill.prune_2_4(w)
+    values, meta = fastdistill.compress_2_4(w, mask)
+    compressed, bitmask, shape = to_sparse24_bitmask(values, meta)
+    assert shape.tolist() == [[9], [k]] and compressed.dtype == dtype
+    assert torch.equal(bitmask, pack_bitmasks(mask))                    # their packing of our mask
+    kept = unpack_bitmasks(bitmask, [9, k])
+    dense = torch.zeros(9, k, dtype=dtype)
+    dense[kept] = compressed.flatten()                                 # their decompression rule
+    assert torch.equal(dense, fastdistill.decompress_2_4(values, meta))
+    back_values, back_meta = from_sparse24_bitmask(compressed, bitmask, shape)
+    assert torch.equal(back_values, values) and torch.equal(back_meta, meta)
+
+
+def test_sparse24_bitmask_errors():
+    from fastdistill.export import from_sparse24_bitmask
+    with pytest.raises(ValueError, match=r"fastdistill.from_sparse24_bitmask: row 0, columns 0..3 keep 3 of 4"):
+        from_sparse24_bitmask(torch.zeros(1, 4), torch.tensor([[0b00110111]], dtype=torch.uint8), [1, 8])
+    with pytest.raises(ValueError, match=r"expected compressed \[1, 4\] and uint8 bitmask \[1, 1\]"):
+        from_sparse24_bitmask(torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.uint8), [1, 8])
