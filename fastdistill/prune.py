@@ -85,7 +85,7 @@ def _collect(model: nn.Module, layers: Dict[str, nn.Linear], batches: List[Any],
         if shared["input"] is not x_in or shared["version"] != x_in._version:
             shared.update(input=x_in, version=x_in._version, terms={})
         terms = shared["terms"].get(s.sq_norms.dtype)
-        if terms is None or (s.gram is not None and terms[1] is None):
+        if terms is None:
             x = x_in.detach().reshape(-1, mod.in_features).to(s.sq_norms.dtype)
             terms = shared["terms"][s.sq_norms.dtype] = (x.square().sum(0), x.T @ x if s.gram is not None else None)
         s.sq_norms.add_(terms[0])
