@@ -163,9 +163,8 @@ def prune_2_4_(model: nn.Module, calibration: Optional[Calibration] = None, meth
                    of the mean diagonal by default; an input column that was always 0 gets H_jj = 1 and its weights
                    0). With U the upper Cholesky factor of H^-1, columns are visited left to right in blocks of
                    `block_size`; at the start of each group of 4 the 2 largest w^2 / U_jj^2 are kept per row, and
-                   each pruned weight's error is spread over the not yet visited columns of its row
-                   (w -= err / U_ii * U_i,:), lazily between blocks. U_jj^2 is the inverse Hessian's diagonal over
-                   the columns not yet visited.
+                   pruning w_i moves the not yet visited weights of its row by -(w_i / U_ii) * U[i, i:] (the OBS
+                   update; applied lazily between blocks). U_jj^2 is [H_F^-1]_jj with F the columns from j on.
 
     sequential (default, as in both papers): each group of layers is calibrated on the outputs of the layers before
     it that are already pruned, by running `calibration.batches` again with hooks on that group only, stopping each
