@@ -1,5 +1,6 @@
 """calibrate + prune_2_4_: each method against a small fp64 reimplementation written here, SparseGPT's
 reconstruction advantage, sequential calibration, dtypes, and the errors."""
+import copy
 import warnings
 
 import pytest
@@ -232,6 +233,22 @@ def test_calibrate_keeps_training_mode_and_skips_gram_when_asked():
     assert calib.stats["0"].gram is None
     h = model[0](x)
     torch.testing.assert_close(calib.stats["2"].sq_norms, h.detach().square().sum(0))  # dropout was off
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", fastdistill.prune.METHODS)
+def test_cuda_matches_cpu(method):
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).double()
+    batches = [correlated_inputs(50, 64) for _ in range(3)]
+    cpu, gpu = copy.deepcopy(model), copy.deepcopy(model).cuda()
+    masks_cpu = fastdistill.prune_2_4_(cpu, fastdistill.calibrate(cpu, batches), method=method)
+    calib_gpu = fastdistill.calibrate(gpu, [b.cuda() for b in batches])
+    assert all(s.gram.is_cuda and s.sq_norms.is_cuda for s in calib_gpu.stats.values())
+    masks_gpu = fastdistill.prune_2_4_(gpu, calib_gpu, method=method)
+    for fqn in masks_cpu:
+        assert torch.equal(masks_gpu[fqn].cpu(), masks_cpu[fqn])
+        torch.testing.assert_close(gpu.get_submodule(fqn).weight.cpu(), cpu.get_submodule(fqn).weight,
+                                   rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------- errors and skips
