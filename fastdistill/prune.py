@@ -267,23 +267,32 @@ def sparsegpt_2_4(weight: torch.Tensor, gram: torch.Tensor, damp: float = 0.01, 
     u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
     mask = torch.zeros(n, k, dtype=torch.bool, device=w.device)
     # Three levels: a group of 4 columns is pruned column by column, its errors then reach the rest of its block
-    # in one rank-4 update and the columns after the block in one update per block. The per-column work stays
-    # [N, 4] wide, too small for ATen to split across threads (a fork/join per op would cost more than the op).
-    for b0 in range(0, k, block_size):
-        b1 = min(b0 + block_size, k)
-        wb = w[:, b0:b1].clone()
-        ub = u[b0:b1, b0:b1]
-        mb = mask[:, b0:b1]
-        errs = torch.zeros_like(wb)
-        d = ub.diagonal()
-        for g in range(0, b1 - b0, 4):
-            wg, mg, eg = wb[:, g:g + 4], mb[:, g:g + 4], errs[:, g:g + 4]
-            scores = wg.square() / d[g:g + 4].square()
-            mg.scatter_(1, scores.topk(2, dim=1).indices, True)
-            for j in range(4):
-                eg[:, j] = wg[:, j].masked_fill(mg[:, j], 0) / d[g + j]
-                wg[:, j:].addr_(eg[:, j], ub[g + j, g + j:g + 4], alpha=-1)
-            wb[:, g + 4:].addmm_(eg, ub[g:g + 4, g + 4:], alpha=-1)
-        w[:, b0:b1] = wb.masked_fill_(~mb, 0)
-        w[:, b1:].addmm_(errs, u[b0:b1, b1:], alpha=-1)
+    # in one rank-4 update and the columns after the block in one update per block. Inside a block the ops are
+    # small and run on one thread: split across threads each pays a fork/join (2-9x slower on 2 busy Zen 4 cores).
+    # The update after each block is a GEMM of N * K * block_size FMAs; it gets the threads back only when the
+    # layer is large enough for that to pay for waking them (each switch costs ~10 ms there): N * K^2 > 2^30.
+    threads = torch.get_num_threads()
+    block_threads = threads if n * k * k > 2 ** 30 else 1
+    try:
+        for b0 in range(0, k, block_size):
+            b1 = min(b0 + block_size, k)
+            wb = w[:, b0:b1].clone()
+            ub = u[b0:b1, b0:b1]
+            mb = mask[:, b0:b1]
+            errs = torch.zeros_like(wb)
+            d = ub.diagonal()
+            torch.set_num_threads(1)
+            for g in range(0, b1 - b0, 4):
+                wg, mg, eg = wb[:, g:g + 4], mb[:, g:g + 4], errs[:, g:g + 4]
+                scores = wg.square() / d[g:g + 4].square()
+                mg.scatter_(1, scores.topk(2, dim=1).indices, True)
+                for j in range(4):
+                    eg[:, j] = wg[:, j].masked_fill(mg[:, j], 0) / d[g + j]
+                    wg[:, j:].addr_(eg[:, j], ub[g + j, g + j:g + 4], alpha=-1)
+                wb[:, g + 4:].addmm_(eg, ub[g:g + 4, g + 4:], alpha=-1)
+            torch.set_num_threads(block_threads)
+            w[:, b0:b1] = wb.masked_fill_(~mb, 0)
+            w[:, b1:].addmm_(errs, u[b0:b1, b1:], alpha=-1)
+    finally:
+        torch.set_num_threads(threads)
     return w, mask

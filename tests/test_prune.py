@@ -85,7 +85,9 @@ def test_methods_match_fp64_reference(k):
     torch.testing.assert_close(calib.stats[""].gram, x.T @ x, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(calib.stats[""].sq_norms, sq_norms, rtol=1e-12, atol=1e-10)
     assert calib.stats[""].rows == 300
+    threads = torch.get_num_threads()
     masks = fastdistill.prune_2_4_(lin, calib, method="sparsegpt")
+    assert torch.get_num_threads() == threads   # its one-thread inner loop gives the threads back
     ref_w, ref_mask = ref_sparsegpt(w, x.T @ x)
     assert torch.equal(masks[""], ref_mask)
     torch.testing.assert_close(lin.weight.detach(), ref_w, rtol=1e-9, atol=1e-9)
