@@ -106,7 +106,8 @@ def load_int8(model: nn.Module, directory) -> nn.Module:
     try:
         qcfg = json.loads((directory / CONFIG_FILE).read_text())["quantization_config"]
     except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"fastdistill.load_int8: {directory / CONFIG_FILE} has no quantization_config ({exc!r})") from exc
+        raise ValueError(f"fastdistill.load_int8: {directory / CONFIG_FILE} has no quantization_config "
+                         f"({exc!r})") from exc
     if qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("format") != "int-quantized":
         raise ValueError(f"fastdistill.load_int8: expected quant_method 'compressed-tensors' with format "
                          f"'int-quantized', got {qcfg.get('quant_method')!r} / {qcfg.get('format')!r}")
@@ -156,7 +157,8 @@ def from_sparse24_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape
     bitmask must keep exactly 2 columns of every group of 4 (as compressed-tensors writes it)."""
     n, k = (int(v) for v in torch.as_tensor(shape).flatten().tolist())
     check_k(k, "from_sparse24_bitmask")
-    if tuple(compressed.shape) != (n, k // 2) or bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (n, (k + 7) // 8):
+    if (tuple(compressed.shape) != (n, k // 2) or bitmask.dtype != torch.uint8
+            or tuple(bitmask.shape) != (n, (k + 7) // 8)):
         raise ValueError(f"fastdistill.from_sparse24_bitmask: for shape [{n}, {k}] expected compressed [{n}, {k // 2}] "
                          f"and uint8 bitmask [{n}, {(k + 7) // 8}], got {list(compressed.shape)} and {bitmask.dtype} "
                          f"{list(bitmask.shape)}")

@@ -161,6 +161,7 @@ def test_exact_2_4_dtype_kept_and_into_masks_and_sparsify(dtype, method):
 def test_sequential_calibration_uses_pruned_upstream_outputs():
     model = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.Linear(32, 8, dtype=torch.float64))
     dense = [m.weight.detach().clone() for m in model]
+    model2 = copy.deepcopy(model)
     batches = [correlated_inputs(40, 16) for _ in range(4)]
     x = torch.cat(batches)
 
@@ -177,8 +178,6 @@ def test_sequential_calibration_uses_pruned_upstream_outputs():
     torch.testing.assert_close(model[1].weight.detach(), from_pruned, rtol=1e-9, atol=1e-9)
 
     # sequential=False: every layer from the dense model's statistics
-    model2 = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.Linear(32, 8, dtype=torch.float64))
-    model2.load_state_dict({k: v for k, v in zip(model2.state_dict(), [dense[0], model[0].bias, dense[1], model[1].bias])})
     fastdistill.prune_2_4_(model2, fastdistill.calibrate(model2, batches), method="sparsegpt", sequential=False)
     torch.testing.assert_close(model2[1].weight.detach(), from_dense, rtol=1e-9, atol=1e-9)
 
