@@ -172,6 +172,8 @@ def prune_2_4_(model: nn.Module, calibration: Optional[Calibration] = None, meth
     reading one input tensor, such as q/k/v, form one group), each pass reaching about halfway through the model on
     average: about G/2 full forwards for G groups (MiniLM: 24 groups). The statistics `calibration` already holds
     serve the first group. sequential=False prunes every layer from `calibration`'s statistics of the dense model.
+    Measured (python -m fastdistill.bench.prune, all-MiniLM-L6-v2, 256 calibration sentences, one thread of a busy
+    Zen 4): SparseGPT sequential 31.5 CPU s, mean cosine 0.892; sequential=False 7.4 CPU s, 0.890.
     """
     _check_method(method)
     calibrated = method != "magnitude"
