@@ -14,6 +14,7 @@
 #include "cpu/simd/prelude.h"
 #include "cpu/sparse24_kernels.h"
 
+#include <array>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -456,6 +457,81 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
   return _mm512_reduce_add_epi32(acc);
 }
 
+// The decompress route (Sparse24Kernels::unpack_int8_panel), 16 weight rows x 16 groups of 4 k at a time: each
+// row's 16 value pairs go to their bytes of 16 dwords by one vpermt2b against a zero table, its control bytes
+// looked up from the meta nibbles (vpermd on a 16-entry table); a 16 x 16 dword transpose then gives, per group,
+// the 16 rows' dwords: one 64-byte line of the packed tile.
+constexpr std::array<uint32_t, 16> make_unpack_control() {
+  // Byte u of the dword for nibble c = idx0 | idx1 << 2: 1 (the second value) if u == idx1, 0 (the first) if
+  // u == idx0, else 64 (the zero table). The scalar level writes the same bytes.
+  std::array<uint32_t, 16> t{};
+  for (uint32_t c = 0; c < 16; ++c)
+    for (uint32_t u = 0; u < 4; ++u) t[c] |= (u == (c >> 2) ? 1u : u == (c & 3) ? 0u : 64u) << (8 * u);
+  return t;
+}
+alignas(64) constexpr std::array<uint32_t, 16> kUnpackControl = make_unpack_control();
+constexpr int64_t kUnpackAhead = 512;  // bytes of values prefetched ahead (meta: a quarter)
+
+// One weight row's 16 groups from vp / mp (ng < 16: the first ng, the rest zero) as 16 dwords.
+template <bool kFull>
+inline __m512 unpack_row16(const int8_t* vp, const uint8_t* mp, int64_t ng, __m512i control, __m512i pair_base,
+                           __m512i nibble_select) {
+  __m512i v;
+  uint64_t m = 0;
+  if constexpr (kFull) {
+    // 16 rows x 2 streams are more than the hardware prefetchers follow.
+    _mm_prefetch(reinterpret_cast<const char*>(vp) + kUnpackAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mp) + kUnpackAhead / 4, _MM_HINT_T0);
+    v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp)));
+    std::memcpy(&m, mp, 8);
+  } else {
+    v = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << (2 * ng)) - 1), vp));
+    std::memcpy(&m, mp, size_t((ng + 1) / 2));
+  }
+  const __m512i nib = _mm512_multishift_epi64_epi8(nibble_select, _mm512_set1_epi64(int64_t(m)));
+  const __m512i ctrl = _mm512_add_epi8(_mm512_permutexvar_epi32(nib, control), pair_base);
+  return _mm512_castsi512_ps(_mm512_permutex2var_epi8(v, ctrl, _mm512_setzero_si512()));
+}
+
+void unpack_int8_panel(const int8_t* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t cols, int8_t* panel,
+                       int32_t* wsum) {
+  constexpr int64_t kTile = 16;  // the int8 family's kNB
+  const int64_t half = K / 2, mbytes = (K + 7) / 8, groups = K / 4;
+  const __m512i control = _mm512_load_si512(kUnpackControl.data());
+  const __m512i pair_base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(0x02020202));  // 2 l in each byte of dword l
+  // vpmultishiftqb: byte 0 of dword l <- bits [4 l, 4 l + 8) of the 8 meta bytes; vpermd reads its low 4 bits.
+  const __m512i nibble_select = _mm512_setr_epi64(0x0400000000LL, 0x0C00000008LL, 0x1400000010LL, 0x1C00000018LL,
+                                                  0x2400000020LL, 0x2C00000028LL, 0x3400000030LL, 0x3C00000038LL);
+  for (int64_t t0 = 0; t0 < cols; t0 += kTile) {
+    int8_t* tile = panel + t0 * K;
+    const int64_t tile_rows = std::min(kTile, cols - t0);
+    const int8_t* vrow = values + (n0 + t0) * half;
+    const uint8_t* mrow = meta + (n0 + t0) * mbytes;
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+      const int64_t ng = std::min<int64_t>(16, groups - g0);
+      __m512 r[16];
+      if (tile_rows == kTile && ng == 16) {
+        _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j)
+          r[j] = unpack_row16<true>(vrow + j * half + 2 * g0, mrow + j * mbytes + g0 / 2, 16, control, pair_base,
+                                    nibble_select);
+      } else {
+        for (int j = 0; j < 16; ++j)
+          r[j] = j < tile_rows ? unpack_row16<false>(vrow + j * half + 2 * g0, mrow + j * mbytes + g0 / 2, ng, control,
+                                                     pair_base, nibble_select)
+                               : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      if (ng == 16) {  // a constant count keeps r in registers (a variable one becomes a memcpy from the stack)
+        _Pragma("GCC unroll 16") for (int g = 0; g < 16; ++g) _mm512_storeu_ps(tile + (g0 + g) * 64, r[g]);
+      } else {
+        for (int64_t g = 0; g < ng; ++g) _mm512_storeu_ps(tile + (g0 + g) * 64, r[g]);
+      }
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) wsum[j] = row_sum_i8(values + (n0 + j) * half, half);
+}
+
 // M = 1 (GEMV), int8: the S rows rows[0..S) in one pass over K, each its own pair of streams (values,
 // meta). The row sums of the values (for the +128 correction) are accumulated in the same pass.
 template <int S>
@@ -576,7 +652,7 @@ void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int6
   }
 }
 
-extern const Sparse24Kernels kernels{float_linear, int8_linear, transpose_to_xt};
+extern const Sparse24Kernels kernels{float_linear, int8_linear, unpack_int8_panel, transpose_to_xt};
 
 }  // namespace fastdistill::cpu::sparse24::avx512
 #endif

@@ -51,12 +51,21 @@ struct Sparse24Kernels {
   // the result of one column never depends on the partition.
   void (*float_linear)(const FloatParams& p, int64_t n0, int64_t n1);
   void (*int8_linear)(const Int8Params& p, int64_t n0, int64_t n1);
+  // The int8 decompress route (sparse24_cpu.cpp): weight rows [n0, n0 + cols) (cols <= 64) written as a dense
+  // panel in the int8 family's packed layout (cpu/int8_kernels.h: tiles of 16 rows, each [K/4][16][4] bytes, k_pad
+  // = K, rows beyond cols zero), and wsum[j] = the sum of row n0 + j's values (the VNNI +128 correction).
+  void (*unpack_int8_panel)(const int8_t* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t cols,
+                            int8_t* panel, int32_t* wsum);
   // Large M: one block of FloatParams::xt, dst[k * kXtRows + r] = x[r * ldx + k] for r < rows (zero for
   // rows <= r < kXtRows), k in [k0, k1) (multiples of 16); null where float_linear has no transposed path.
   void (*transpose_to_xt)(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* dst);
 };
 
-namespace scalar { extern const Sparse24Kernels kernels; }
+namespace scalar {
+extern const Sparse24Kernels kernels;
+void unpack_int8_panel(const int8_t* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t cols, int8_t* panel,
+                       int32_t* wsum);
+}  // namespace scalar
 #if defined(__x86_64__)
 namespace avx2 { extern const Sparse24Kernels kernels; }
 namespace avx512 { extern const Sparse24Kernels kernels; }
