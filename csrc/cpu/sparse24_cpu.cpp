@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/int8_kernels.h"
 #include "cpu/sparse24_kernels.h"
@@ -118,10 +119,13 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 // on 4096 x 4096 and loses on 768 x 3072), on the avx512, avx2 and scalar levels alike. Not measured on Intel.
 constexpr int64_t kInt8DenseRouteMinRows = 24;
 
-// Rows [m0, m1) x panel columns [n0, n0 + cols) of the route; a holds the quantized rows (u8 = s8 + 128 where the
-// int8 table's GEMM takes them), panel is this thread's scratch.
-void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_t m1, int64_t n0, int64_t cols,
-                           int8_t* panel) {
+// Rows [m0, m1) x panel columns [n0, n0 + cols) of the route; p.xq holds the quantized rows (u8 = s8 + 128 where the
+// int8 table's GEMM takes them). The scratch panel is per thread and kept (64 x K bytes, the largest K seen): a
+// thread-local buffer needs no thread numbering, which nested parallel regions make unreliable.
+void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_t m1, int64_t n0, int64_t cols) {
+  thread_local std::vector<int8_t> scratch;
+  if (int64_t(scratch.size()) < int8::kPanelCols * p.K) scratch.resize(size_t(int8::kPanelCols * p.K));
+  int8_t* panel = scratch.data();
   const Sparse24Kernels& kern = sparse24_kernels();
   const int8::Int8Kernels& dense = int8::int8_kernels();
   alignas(64) int32_t wsum[int8::kPanelCols];
@@ -202,12 +206,9 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
       const int64_t row_tasks = std::min((4 * nthreads + panels - 1) / panels, (M + int8::kTileRows - 1) / int8::kTileRows);
       const int64_t chunk = round_up((M + row_tasks - 1) / row_tasks, int8::kTileRows);
       const int64_t chunks = (M + chunk - 1) / chunk;
-      at::Tensor scratch = at::empty({nthreads, int8::kPanelCols * K}, x.options().dtype(at::kChar));
-      int8_t* sp = scratch.data_ptr<int8_t>();
       run_dynamic(panels * chunks, [&](int64_t t) {
         const int64_t n0 = (t / chunks) * int8::kPanelCols, m0 = (t % chunks) * chunk;
-        int8_dense_route_task(p, shifted, m0, std::min(M, m0 + chunk), n0, std::min(int8::kPanelCols, N - n0),
-                              sp + at::get_thread_num() * int8::kPanelCols * K);
+        int8_dense_route_task(p, shifted, m0, std::min(M, m0 + chunk), n0, std::min(int8::kPanelCols, N - n0));
       });
     } else {
       const auto int8_linear = sparse24_kernels().int8_linear;
