@@ -165,7 +165,7 @@ def test_int8_linear(isa, k):
 
 # Rows from which sparse24_int8_linear takes the decompress route (kInt8DenseRouteMinRows, csrc/cpu/sparse24_cpu.cpp);
 # the shapes below straddle it.
-INT8_DENSE_ROUTE_MIN_ROWS = 24
+INT8_DENSE_ROUTE_MIN_ROWS = 32
 
 
 @pytest.mark.parametrize("k,n", [(4, 1), (100, 17), (260, 65), (1028, 131)])
@@ -173,12 +173,15 @@ INT8_DENSE_ROUTE_MIN_ROWS = 24
 def test_int8_dense_route_bit_exact(isa, k, n, xdtype):
     """Above the crossover each row is computed by the dense int8 micro-kernel on unpacked panels; its integer sums
     and epilogue are the 2:4 kernels', so every row equals, bit for bit, the same row computed by the 2:4 kernel
-    (one row at a time, below the crossover)."""
+    one row at a time. Below the crossover the blocked 2:4 kernel must agree with it too (one epilogue, never
+    contracted into an FMA)."""
     q, meta, scales = _int8_values(n, k)
     c = INT8_DENSE_ROUTE_MIN_ROWS
     for with_bias in (False, True):
         bias = torch.randn(n) if with_bias else None
-        for m in (c, c + 1, 97, 200):  # 97: a partial 96-row chunk; 200: row chunks split across tasks
+        # 5, 9, c - 1: the blocked 2:4 kernel (its remainder rows too); c and above: the route (97: a partial 96-row
+        # chunk; 200: row chunks split across tasks)
+        for m in (5, 9, c - 1, c, c + 1, 97, 200):
             x = (torch.randn(m, k) * 3).to(xdtype)
             y = ops.sparse24_int8_linear(x, q, meta, scales, bias)
             assert y.dtype == xdtype and y.shape == (m, n)

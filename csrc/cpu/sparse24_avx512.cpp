@@ -402,7 +402,6 @@ template <int NB, int MB>
 void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 64, nchunks = (half + 63) / 64;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB * NB];
   _Pragma("GCC unroll 16") for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -424,8 +423,7 @@ void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
     }
     _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j) {
       const int8_t* x = p.xq + (m + j) * p.ldx + 128 * c;
-      const __m512i xa = _mm512_xor_si512(_mm512_loadu_si512(x), flip);  // u8 = x + 128
-      const __m512i xb = _mm512_xor_si512(_mm512_loadu_si512(x + 64), flip);
+      const __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + 64);  // u8 = s8 + 128
       _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i)
         acc[j * NB + i] = _mm512_dpbusd_epi32(acc[j * NB + i], _mm512_permutex2var_epi8(xa, idx[i], xb), w[i]);
     }
@@ -433,8 +431,7 @@ void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
   _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j)
     _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
       const int32_t dot = _mm512_reduce_add_epi32(acc[j * NB + i]) - 128 * wsum[i];
-      p.out[(m + j) * p.ldo + n + i] =
-          float(dot) * (p.x_scales[m + j] * p.w_scales[n + i]) + (p.bias ? p.bias[n + i] : 0.f);
+      p.out[(m + j) * p.ldo + n + i] = int8_epilogue(dot, p.x_scales[m + j], p.w_scales[n + i], p.bias, n + i);
     }
 }
 
@@ -578,26 +575,17 @@ void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bo
   for (int i = 0; i < S; ++i) {
     const int64_t n = rows[i];
     const int32_t dot = _mm512_reduce_add_epi32(acc[i]) - 128 * _mm512_reduce_add_epi32(ws[i]);
-    p.out[n] = float(dot) * (p.x_scales[0] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+    p.out[n] = int8_epilogue(dot, p.x_scales[0], p.w_scales[n], p.bias, n);
   }
 }
 
 // M = 1 (GEMV). Two rows at a time from the two halves of the task's range, so each core keeps four
 // sequential streams in flight (values and meta of rows half a task apart; adjacent rows share DRAM pages
 // and stream worse). Intel also gets software prefetch 1 KB ahead in the values and 256 B in the meta; AMD's
-// hardware prefetcher does better alone. The activations are flipped to u8 once per call.
+// hardware prefetcher does better alone.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
-  alignas(64) uint8_t stack_x[4096];
-  std::vector<uint8_t> heap_x;
-  uint8_t* x = stack_x;
-  if (p.ldx > int64_t(sizeof(stack_x))) {
-    heap_x.resize(size_t(p.ldx));
-    x = heap_x.data();
-  }
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t k = 0; k < p.ldx; k += 64)  // ldx is a multiple of kXPad = 128
-    _mm512_storeu_si512(x + k, _mm512_xor_si512(_mm512_loadu_si512(p.xq + k), flip));
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(p.xq);  // u8 = s8 + 128
   const int64_t h = (n1 - n0) / 2;
   for (int64_t i = 0; i < h; ++i) {
     const int64_t rows[2] = {n0 + i, n0 + h + i};
@@ -652,7 +640,7 @@ void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int6
   }
 }
 
-extern const Sparse24Kernels kernels{float_linear, int8_linear, unpack_int8_panel, transpose_to_xt};
+extern const Sparse24Kernels kernels{float_linear, int8_linear, true, unpack_int8_panel, transpose_to_xt};
 
 }  // namespace fastdistill::cpu::sparse24::avx512
 #endif

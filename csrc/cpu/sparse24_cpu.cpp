@@ -115,9 +115,10 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 // (Int8Kernels::gemm_s8_panel) on it for its rows; the dense weight never exists as a whole. The integer sums and
 // the epilogue are the 2:4 kernels', so the result is the same bit for bit. Chosen by measurement: the route
 // against the 2:4 kernels, one thread (thread CPU time, the machine being shared), M = 8..128 at K x N = 4096 x
-// 4096, 768 x 3072, 3072 x 768 on AMD EPYC Zen 4: the route wins on every shape from M = 24 (at M = 16 it is even
-// on 4096 x 4096 and loses on 768 x 3072), on the avx512, avx2 and scalar levels alike. Not measured on Intel.
-constexpr int64_t kInt8DenseRouteMinRows = 24;
+// 4096, 768 x 3072, 3072 x 768 on AMD EPYC Zen 4: from M = 48 the route wins on every shape (1.09-1.28x); at
+// M = 32 it is even on 4096 x 4096, 1.25x on 768 x 3072, 0.97x on 3072 x 768; at M = 24 and below the 2:4
+// kernel wins or ties. avx2 and scalar: the route wins from M = 24. Not measured on Intel.
+constexpr int64_t kInt8DenseRouteMinRows = 32;
 
 // Rows [m0, m1) x panel columns [n0, n0 + cols) of the route; p.xq holds the quantized rows (u8 = s8 + 128 where the
 // int8 table's GEMM takes them). The scratch panel is per thread and kept (64 x K bytes, the largest K seen): a
@@ -139,11 +140,8 @@ void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_
       const int64_t m = mc + i;
       const int32_t* ci = c + i * int8::kPanelCols;
       float* o = p.out + m * p.ldo + n0;
-      for (int64_t j = 0; j < cols; ++j) {
-        const int64_t n = n0 + j;
-        const int32_t dot = ci[j] - (shifted ? 128 * wsum[j] : 0);
-        o[j] = float(dot) * (p.x_scales[m] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
-      }
+      for (int64_t j = 0; j < cols; ++j)
+        o[j] = int8_epilogue(ci[j] - (shifted ? 128 * wsum[j] : 0), p.x_scales[m], p.w_scales[n0 + j], p.bias, n0 + j);
     }
   }
 }
@@ -163,12 +161,12 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
   const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), kXPad);
   const bool dense_route = M >= kInt8DenseRouteMinRows && K <= int8::kMaxK;
-  const bool shifted = dense_route && int8::int8_kernels().u8_activations;
+  const bool shifted = dense_route ? int8::int8_kernels().u8_activations : sparse24_kernels().int8_u8_activations;
   at::Tensor xq = at::empty({M, ldx}, x.options().dtype(at::kChar));  // padding written by the quantiser
   at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
   {
-    // The int8 family's row quantiser (same numerics as quantize_per_token); the sparse kernels take s8, the
-    // route what the int8 table's GEMM takes.
+    // The int8 family's row quantiser (same numerics as quantize_per_token), into s8 or u8 = s8 + 128, as the
+    // kernel that takes them (the 2:4 table's int8_linear, or the route's int8 GEMM) wants.
     fastdistill::int8::QuantParams qp;
     qp.dtype = DType::f32;
     qp.x = xf.data_ptr<float>();

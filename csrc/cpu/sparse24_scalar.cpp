@@ -44,7 +44,7 @@ void int8_linear(const Int8Params& p, int64_t n0, int64_t n1) {
         const unsigned code = (meta[g >> 1] >> ((g & 1) * 4)) & 15u;
         acc += int32_t(x[4 * g + (code & 3)]) * v[2 * g] + int32_t(x[4 * g + (code >> 2)]) * v[2 * g + 1];
       }
-      p.out[m * p.ldo + n] = float(acc) * (p.x_scales[m] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+      p.out[m * p.ldo + n] = int8_epilogue(acc, p.x_scales[m], p.w_scales[n], p.bias, n);
     }
   }
 }
@@ -74,6 +74,6 @@ void unpack_int8_panel(const int8_t* values, const uint8_t* meta, int64_t K, int
   }
 }
 
-extern const Sparse24Kernels kernels{float_linear, int8_linear, unpack_int8_panel, nullptr};
+extern const Sparse24Kernels kernels{float_linear, int8_linear, false, unpack_int8_panel, nullptr};
 
 }  // namespace fastdistill::cpu::sparse24::scalar
