@@ -138,10 +138,10 @@ void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_
     dense.gemm_s8_panel(p.xq + mc * p.ldx, p.ldx, panel, p.K, nblk, rows, c);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = mc + i;
-      const int32_t* ci = c + i * int8::kPanelCols;
-      float* o = p.out + m * p.ldo + n0;
-      for (int64_t j = 0; j < cols; ++j)
-        o[j] = int8_epilogue(ci[j] - (shifted ? 128 * wsum[j] : 0), p.x_scales[m], p.w_scales[n0 + j], p.bias, n0 + j);
+      int32_t* ci = c + i * int8::kPanelCols;
+      if (shifted)
+        for (int64_t j = 0; j < cols; ++j) ci[j] -= 128 * wsum[j];
+      int8_epilogue_row(ci, cols, p.x_scales[m], p.w_scales, p.bias, n0, p.out + m * p.ldo + n0);
     }
   }
 }

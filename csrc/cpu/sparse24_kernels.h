@@ -59,6 +59,21 @@ inline float int8_epilogue(int32_t dot, float x_scale, float w_scale, const floa
   return v + (bias ? bias[n] : 0.f);
 }
 
+// A row of int8_epilogue over columns [n0, n0 + cols): the products, then the adds, through memory, so that
+// neither is contracted and both loops vectorise.
+inline void int8_epilogue_row(const int32_t* dot, int64_t cols, float x_scale, const float* w_scales,
+                              const float* bias, int64_t n0, float* out) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = float(dot[j]) * (x_scale * w_scales[n0 + j]);
+#if defined(__x86_64__)
+  asm volatile("" : : "r"(out) : "memory");
+#endif
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < cols; ++j) out[j] += bias[n0 + j];
+  } else {
+    for (int64_t j = 0; j < cols; ++j) out[j] += 0.f;  // as int8_epilogue: -0 becomes +0
+  }
+}
+
 struct Sparse24Kernels {
   // Each computes the output columns [n0, n1) for every row, over disjoint column ranges from several threads;
   // the result of one column never depends on the partition.
