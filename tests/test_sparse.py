@@ -163,6 +163,36 @@ def test_int8_linear(isa, k):
                 assert (y.double() - y64).abs().max().item() <= tol
 
 
+# Rows from which sparse24_int8_linear takes the decompress route (kInt8DenseRouteMinRows, csrc/cpu/sparse24_cpu.cpp);
+# the shapes below straddle it.
+INT8_DENSE_ROUTE_MIN_ROWS = 32
+
+
+@pytest.mark.parametrize("k,n", [(4, 1), (100, 17), (260, 65), (1028, 131)])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_dense_route_bit_exact(isa, k, n, xdtype):
+    """Above the crossover each row is computed by the dense int8 micro-kernel on unpacked panels; its integer sums
+    and epilogue are the 2:4 kernels', so every row equals, bit for bit, the same row computed by the 2:4 kernel
+    one row at a time. Below the crossover the blocked 2:4 kernel must agree with it too (one epilogue, never
+    contracted into an FMA)."""
+    q, meta, scales = _int8_values(n, k)
+    c = INT8_DENSE_ROUTE_MIN_ROWS
+    for with_bias in (False, True):
+        bias = torch.randn(n) if with_bias else None
+        # 5, 9, c - 1: the blocked 2:4 kernel (its remainder rows too); c and above: the route (97: a partial 96-row
+        # chunk; 200: row chunks split across tasks)
+        for m in (5, 9, c - 1, c, c + 1, 97, 200):
+            x = (torch.randn(m, k) * 3).to(xdtype)
+            y = ops.sparse24_int8_linear(x, q, meta, scales, bias)
+            assert y.dtype == xdtype and y.shape == (m, n)
+            rows = torch.cat([ops.sparse24_int8_linear(x[i:i + 1], q, meta, scales, bias) for i in range(m)])
+            assert torch.equal(y, rows), (m, (y.double() - rows.double()).abs().max().item())
+        y64 = sparse24_linear_reference(x.double(), q, meta, None if bias is None else bias.double(),
+                                        w_scales=scales.double(), dtype=torch.float64)
+        tol = (1e-5 if xdtype == torch.float32 else 1e-2) * (y64.abs().max().item() + 1)
+        assert (y.double() - y64).abs().max().item() <= tol
+
+
 def test_int8_activation_quantization_edges(isa):
     k, n = 40, 5
     q, meta, scales = _int8_values(n, k)

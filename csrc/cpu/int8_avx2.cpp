@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kMR = 3;
 
-// MR rows x one 16-column block. Quarter q (16 bytes = 4 columns x 4 k) is widened to 16 int16;
+// MR rows x one 16-column block, sums to c[i * kPanelCols + j]. Quarter q (16 bytes = 4 columns x 4 k) is widened to 16 int16;
 // vpmaddwd with x[k..k+3] (int16, repeated 4 times) gives, per column, two int32 partial sums.
 template <int MR>
 void ukernel_s8(const int8_t* a, int64_t lda, const int8_t* blk, int64_t groups, int32_t* c) {
@@ -39,7 +39,7 @@ void ukernel_s8(const int8_t* a, int64_t lda, const int8_t* blk, int64_t groups,
     alignas(32) int32_t t[4][8];
     _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(t[q]), acc[i][q]);
     _Pragma("GCC unroll 8") for (int q = 0; q < 4; ++q)
-      for (int cc = 0; cc < 4; ++cc) c[i * 16 + q * 4 + cc] = t[q][2 * cc] + t[q][2 * cc + 1];
+      for (int cc = 0; cc < 4; ++cc) c[i * kPanelCols + q * 4 + cc] = t[q][2 * cc] + t[q][2 * cc + 1];
   }
 }
 
@@ -68,23 +68,25 @@ void ukernel_wo(const float* x, const int8_t* blk, int64_t groups, float* c) {
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) { quantize_rows_generic(p, r0, r1); }
 
-void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  alignas(64) int32_t c[kMR * 16];
-  const int64_t groups = p.k_pad / kKG;
-  for (int64_t b = nb0; b < nb1; ++b) {
-    const int8_t* blk = p.w + b * p.k_pad * kNB;
-    const int64_t n0 = b * kNB, cols = std::min<int64_t>(kNB, p.n - n0);
-    for (int64_t m = m0; m < m1; m += kMR) {
-      const int mr = int(std::min<int64_t>(kMR, m1 - m));
-      const int8_t* a = p.a + m * p.lda;
+void gemm_s8_panel(const int8_t* a, int64_t lda, const int8_t* panel, int64_t k_pad, int nblk, int64_t rows,
+                   int32_t* c) {
+  const int64_t groups = k_pad / kKG;
+  for (int t = 0; t < nblk; ++t) {
+    const int8_t* blk = panel + t * k_pad * kNB;
+    for (int64_t m = 0; m < rows; m += kMR) {
+      const int mr = int(std::min<int64_t>(kMR, rows - m));
+      int32_t* ct = c + m * kPanelCols + t * kNB;
       switch (mr) {
-        case 1: ukernel_s8<1>(a, p.lda, blk, groups, c); break;
-        case 2: ukernel_s8<2>(a, p.lda, blk, groups, c); break;
-        default: ukernel_s8<3>(a, p.lda, blk, groups, c); break;
+        case 1: ukernel_s8<1>(a + m * lda, lda, blk, groups, ct); break;
+        case 2: ukernel_s8<2>(a + m * lda, lda, blk, groups, ct); break;
+        default: ukernel_s8<3>(a + m * lda, lda, blk, groups, ct); break;
       }
-      epilogue_s8(p, c, 16, m, mr, n0, cols);
     }
   }
+}
+
+void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  gemm_s8_by_panels(p, m0, m1, nb0, nb1, gemm_s8_panel);
 }
 
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
@@ -100,7 +102,7 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
   }
 }
 
-extern const Int8Kernels kernels{quantize_rows, gemm_s8, false, gemm_wo, nullptr};
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, gemm_s8_panel, false, gemm_wo, nullptr};
 
 }  // namespace fastdistill::cpu::int8::avx2
 

@@ -206,32 +206,26 @@ void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
                  p.scales + r, p.xor_mask);
 }
 
-// Blocking: a task's columns go in panels of 64 (4 blocks), its rows in chunks of kMC whose int32
-// sums stay in a stack tile, and K in slices of kKC so that the weight slice (64 x kKC bytes) and the
-// activation slice (kMC x kKC) stay in L2 while the micro-kernels sweep them.
+// Blocking: the panel's rows in micro-tiles of kMR, and K in slices of kKC so that the weight slice (64 x kKC bytes)
+// and the activation slice (kTileRows x kKC) stay in L2 while the micro-kernels sweep them.
 constexpr int64_t kKC = 2048;
 
-void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  alignas(64) int32_t c[kMC * 64];
-  const int64_t groups = p.k_pad / kKG, bstride = p.k_pad * kNB, kcg = kKC / kKG;
-  for (int64_t b = nb0; b < nb1; b += kNBLK) {
-    const int nblk = int(std::min<int64_t>(kNBLK, nb1 - b));
-    const int8_t* bp = p.w + b * bstride;
-    const int64_t n0 = b * kNB, cols = std::min<int64_t>(nblk * kNB, p.n - n0);
-    for (int64_t mc = m0; mc < m1; mc += kMC) {
-      const int64_t mc1 = std::min(m1, mc + kMC);
-      for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
-        const int64_t g = std::min(kcg, groups - g0);
-        for (int64_t m = mc; m < mc1; m += kMR) {
-          const int mr = int(std::min<int64_t>(kMR, mc1 - m));
-          kernel_for(mr, nblk)(p.a + m * p.lda + g0 * kKG, p.lda, bp + g0 * kNB * kKG, bstride, g,
-                               c + (m - mc) * 64, g0 > 0);
-        }
-      }
-      if (groups == 0) std::memset(c, 0, sizeof(c));
-      epilogue_s8(p, c, 64, mc, mc1 - mc, n0, cols);
+void gemm_s8_panel(const int8_t* a, int64_t lda, const int8_t* panel, int64_t k_pad, int nblk, int64_t rows,
+                   int32_t* c) {
+  const int64_t groups = k_pad / kKG, bstride = k_pad * kNB, kcg = kKC / kKG;
+  if (groups == 0) std::memset(c, 0, size_t(rows * kPanelCols) * sizeof(int32_t));
+  for (int64_t g0 = 0; g0 < groups; g0 += kcg) {
+    const int64_t g = std::min(kcg, groups - g0);
+    for (int64_t m = 0; m < rows; m += kMR) {
+      const int mr = int(std::min<int64_t>(kMR, rows - m));
+      kernel_for(mr, nblk)(a + m * lda + g0 * kKG, lda, panel + g0 * kNB * kKG, bstride, g, c + m * kPanelCols,
+                           g0 > 0);
     }
   }
+}
+
+void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  gemm_s8_by_panels(p, m0, m1, nb0, nb1, gemm_s8_panel);
 }
 
 // Weight-only: many rows -> fp32 slices (the dequantisation is amortised over up to 96 rows); few rows -> convert
@@ -252,7 +246,7 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
   }
 }
 
-extern const Int8Kernels kernels{quantize_rows, gemm_s8, true, gemm_wo, nullptr};
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, gemm_s8_panel, true, gemm_wo, nullptr};
 
 }  // namespace fastdistill::cpu::int8::avx512
 

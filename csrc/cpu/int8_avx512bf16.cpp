@@ -92,7 +92,8 @@ void gemm_wo_bf16(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_
 }
 
 
-extern const Int8Kernels kernels{avx512::quantize_rows, avx512::gemm_s8, true, avx512::gemm_wo, gemm_wo_bf16};
+extern const Int8Kernels kernels{avx512::quantize_rows, avx512::gemm_s8, avx512::gemm_s8_panel, true,
+                                 avx512::gemm_wo, gemm_wo_bf16};
 
 }  // namespace fastdistill::cpu::int8::avx512bf16
 

@@ -17,8 +17,6 @@ using fastdistill::int8::as_rows;
 using fastdistill::int8::float_dtype;
 using fastdistill::int8::out_shape;
 
-constexpr int64_t kPanelBlocks = kPanelCols / kNB;
-constexpr int64_t kMaxK = 65536;
 // bf16 activations take the native bf16 weight-only kernel from this many rows (below, the fp32 kernel's
 // on-the-fly conversion streams the weights once per 6 rows and is as fast).
 constexpr int64_t kBf16MinRows = 8;
@@ -113,7 +111,6 @@ at::Tensor pack(const char* op, const at::Tensor& w_in) {
   fastdistill::int8::check_weight_int8(op, w_in);
   const at::Tensor w = w_in.contiguous();
   const int64_t n = w.size(0), k = w.size(1);
-  // int32 accumulators: K * 255 * 127 (u8 x s8 dot products) must stay below 2^31.
   TORCH_CHECK(k <= kMaxK, "fastdistill.", op, ": K must be at most ", kMaxK,
               " (int32 accumulation of int8 products), got ", k);
   at::Tensor packed = at::empty({packed_bytes(n, k)}, w.options());

@@ -21,6 +21,8 @@ using fastdistill::int8::QuantParams;
 constexpr int64_t kHeaderBytes = 64;
 constexpr int64_t kNB = 16;  // columns per tile
 constexpr int64_t kKG = 4;   // k values per 32-bit lane
+// int32 accumulators: K * 255 * 127 (u8 x s8 dot products) must stay below 2^31.
+constexpr int64_t kMaxK = 65536;
 constexpr uint32_t kMagic = 0x38494446u;  // "FDI8"
 constexpr uint32_t kVersion = 1;
 
@@ -83,13 +85,20 @@ bool quantize_channel_rows(DType dtype, const void* w, int64_t ldw, int64_t k, i
 // Tasks (int8_cpu.cpp) cover kTileRows rows x kPanelCols columns; the kernels block inside them.
 constexpr int64_t kTileRows = 96;   // a multiple of every micro-kernel's rows
 constexpr int64_t kPanelCols = 64;  // 4 tiles of kNB columns
+constexpr int64_t kPanelBlocks = kPanelCols / kNB;
 constexpr int64_t kWoSliceK = 256;  // k values of a weight slice dequantised once for many rows (weight-only)
 
 struct Int8Kernels {
   void (*quantize_rows)(const QuantParams& p, int64_t r0, int64_t r1);
-  // Rows [m0, m1) x column tiles [nb0, nb1) of the dynamic W8A8 GEMM (and its epilogue).
+  // Rows [m0, m1) x column tiles [nb0, nb1) of the dynamic W8A8 GEMM (and its epilogue): gemm_s8_panel over
+  // panels of kPanelBlocks tiles and chunks of kTileRows rows, then epilogue_s8.
   void (*gemm_s8)(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
-  bool u8_activations;  // gemm_s8 takes u8 = s8 + 128 activations (u8 x s8 dot products) and subtracts comp
+  // The micro-kernel level of gemm_s8, also called by the 2:4 family on panels it decompresses: exact int32 sums
+  // c[i][j] (row stride kPanelCols) of rows [0, rows) of a (rows <= kTileRows, columns [0, k_pad)) times the
+  // nblk <= kPanelBlocks tiles of a packed panel (tile t at panel + t * k_pad * kNB), without the compensation.
+  void (*gemm_s8_panel)(const int8_t* a, int64_t lda, const int8_t* panel, int64_t k_pad, int nblk, int64_t rows,
+                        int32_t* c);
+  bool u8_activations;  // the GEMM takes u8 = s8 + 128 activations (u8 x s8 dot products) and subtracts comp
   void (*gemm_wo)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
   // Weight-only with bf16 activations (native bf16 dot products), or null.
   void (*gemm_wo_bf16)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
@@ -99,6 +108,8 @@ struct Int8Kernels {
   namespace ns {                                                                             \
   void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1);                          \
   void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);       \
+  void gemm_s8_panel(const int8_t* a, int64_t lda, const int8_t* panel, int64_t k_pad, int nblk, int64_t rows, \
+                     int32_t* c);                                                            \
   void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);         \
   extern const Int8Kernels kernels;                                                          \
   }

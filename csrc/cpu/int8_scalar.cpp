@@ -84,25 +84,26 @@ namespace scalar {
 
 void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) { quantize_rows_generic(p, r0, r1); }
 
-void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-  int32_t c[kNB];
-  for (int64_t b = nb0; b < nb1; ++b) {
-    const int8_t* blk = p.w + b * p.k_pad * kNB;
-    const int64_t n0 = b * kNB, cols = std::min<int64_t>(kNB, p.n - n0);
-    for (int64_t m = m0; m < m1; ++m) {
-      const int8_t* a = p.a + m * p.lda;
-      for (int64_t j = 0; j < kNB; ++j) c[j] = 0;
-      for (int64_t g = 0; g < p.k_pad / kKG; ++g) {
-        const int8_t* t = blk + g * kNB * kKG;
+void gemm_s8_panel(const int8_t* a, int64_t lda, const int8_t* panel, int64_t k_pad, int nblk, int64_t rows,
+                   int32_t* c) {
+  // The dynamic GEMM of this level takes s8 activations (u8_activations is false).
+  for (int t = 0; t < nblk; ++t) {
+    const int8_t* blk = panel + t * k_pad * kNB;
+    for (int64_t m = 0; m < rows; ++m) {
+      const int8_t* am = a + m * lda;
+      int32_t* cm = c + m * kPanelCols + t * kNB;
+      for (int64_t j = 0; j < kNB; ++j) cm[j] = 0;
+      for (int64_t g = 0; g < k_pad / kKG; ++g) {
+        const int8_t* w = blk + g * kNB * kKG;
         for (int64_t j = 0; j < kNB; ++j)
-          for (int64_t u = 0; u < kKG; ++u) {
-            const int32_t av = p.shifted ? int32_t(uint8_t(a[g * kKG + u])) : int32_t(a[g * kKG + u]);
-            c[j] += av * int32_t(t[j * kKG + u]);
-          }
+          for (int64_t u = 0; u < kKG; ++u) cm[j] += int32_t(am[g * kKG + u]) * int32_t(w[j * kKG + u]);
       }
-      epilogue_s8(p, c, kNB, m, 1, n0, cols);
     }
   }
+}
+
+void gemm_s8(const GemmParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+  gemm_s8_by_panels(p, m0, m1, nb0, nb1, gemm_s8_panel);
 }
 
 void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
@@ -123,7 +124,7 @@ void gemm_wo(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1
   }
 }
 
-extern const Int8Kernels kernels{quantize_rows, gemm_s8, false, gemm_wo, nullptr};
+extern const Int8Kernels kernels{quantize_rows, gemm_s8, gemm_s8_panel, false, gemm_wo, nullptr};
 
 }  // namespace scalar
 }  // namespace fastdistill::cpu::int8

@@ -14,6 +14,7 @@
 #include "cpu/simd/prelude.h"
 #include "cpu/sparse24_kernels.h"
 
+#include <array>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -401,7 +402,6 @@ template <int NB, int MB>
 void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
   const int64_t half = p.K / 2, mbytes = (p.K + 7) / 8;
   const int64_t nfull = half / 64, nchunks = (half + 63) / 64;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB * NB];
   _Pragma("GCC unroll 16") for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -423,8 +423,7 @@ void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
     }
     _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j) {
       const int8_t* x = p.xq + (m + j) * p.ldx + 128 * c;
-      const __m512i xa = _mm512_xor_si512(_mm512_loadu_si512(x), flip);  // u8 = x + 128
-      const __m512i xb = _mm512_xor_si512(_mm512_loadu_si512(x + 64), flip);
+      const __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + 64);  // u8 = s8 + 128
       _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i)
         acc[j * NB + i] = _mm512_dpbusd_epi32(acc[j * NB + i], _mm512_permutex2var_epi8(xa, idx[i], xb), w[i]);
     }
@@ -432,8 +431,7 @@ void micro_i8(const Int8Params& p, int64_t n, int64_t m, const int32_t* wsum) {
   _Pragma("GCC unroll 16") for (int j = 0; j < MB; ++j)
     _Pragma("GCC unroll 16") for (int i = 0; i < NB; ++i) {
       const int32_t dot = _mm512_reduce_add_epi32(acc[j * NB + i]) - 128 * wsum[i];
-      p.out[(m + j) * p.ldo + n + i] =
-          float(dot) * (p.x_scales[m + j] * p.w_scales[n + i]) + (p.bias ? p.bias[n + i] : 0.f);
+      p.out[(m + j) * p.ldo + n + i] = int8_epilogue(dot, p.x_scales[m + j], p.w_scales[n + i], p.bias, n + i);
     }
 }
 
@@ -454,6 +452,81 @@ int32_t row_sum_i8(const int8_t* v, int64_t len) {
   for (; i + 64 <= len; i += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(v + i));
   if (i < len) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8((__mmask64(1) << (len - i)) - 1, v + i));
   return _mm512_reduce_add_epi32(acc);
+}
+
+// The decompress route (Sparse24Kernels::unpack_int8_panel), 16 weight rows x 16 groups of 4 k at a time: each
+// row's 16 value pairs go to their bytes of 16 dwords by one vpermt2b against a zero table, its control bytes
+// looked up from the meta nibbles (vpermd on a 16-entry table); a 16 x 16 dword transpose then gives, per group,
+// the 16 rows' dwords: one 64-byte line of the packed tile.
+constexpr std::array<uint32_t, 16> make_unpack_control() {
+  // Byte u of the dword for nibble c = idx0 | idx1 << 2: 1 (the second value) if u == idx1, 0 (the first) if
+  // u == idx0, else 64 (the zero table). The scalar level writes the same bytes.
+  std::array<uint32_t, 16> t{};
+  for (uint32_t c = 0; c < 16; ++c)
+    for (uint32_t u = 0; u < 4; ++u) t[c] |= (u == (c >> 2) ? 1u : u == (c & 3) ? 0u : 64u) << (8 * u);
+  return t;
+}
+alignas(64) constexpr std::array<uint32_t, 16> kUnpackControl = make_unpack_control();
+constexpr int64_t kUnpackAhead = 512;  // bytes of values prefetched ahead (meta: a quarter)
+
+// One weight row's 16 groups from vp / mp (ng < 16: the first ng, the rest zero) as 16 dwords.
+template <bool kFull>
+inline __m512 unpack_row16(const int8_t* vp, const uint8_t* mp, int64_t ng, __m512i control, __m512i pair_base,
+                           __m512i nibble_select) {
+  __m512i v;
+  uint64_t m = 0;
+  if constexpr (kFull) {
+    // 16 rows x 2 streams are more than the hardware prefetchers follow.
+    _mm_prefetch(reinterpret_cast<const char*>(vp) + kUnpackAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mp) + kUnpackAhead / 4, _MM_HINT_T0);
+    v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp)));
+    std::memcpy(&m, mp, 8);
+  } else {
+    v = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << (2 * ng)) - 1), vp));
+    std::memcpy(&m, mp, size_t((ng + 1) / 2));
+  }
+  const __m512i nib = _mm512_multishift_epi64_epi8(nibble_select, _mm512_set1_epi64(int64_t(m)));
+  const __m512i ctrl = _mm512_add_epi8(_mm512_permutexvar_epi32(nib, control), pair_base);
+  return _mm512_castsi512_ps(_mm512_permutex2var_epi8(v, ctrl, _mm512_setzero_si512()));
+}
+
+void unpack_int8_panel(const int8_t* values, const uint8_t* meta, int64_t K, int64_t n0, int64_t cols, int8_t* panel,
+                       int32_t* wsum) {
+  constexpr int64_t kTile = 16;  // the int8 family's kNB
+  const int64_t half = K / 2, mbytes = (K + 7) / 8, groups = K / 4;
+  const __m512i control = _mm512_load_si512(kUnpackControl.data());
+  const __m512i pair_base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(0x02020202));  // 2 l in each byte of dword l
+  // vpmultishiftqb: byte 0 of dword l <- bits [4 l, 4 l + 8) of the 8 meta bytes; vpermd reads its low 4 bits.
+  const __m512i nibble_select = _mm512_setr_epi64(0x0400000000LL, 0x0C00000008LL, 0x1400000010LL, 0x1C00000018LL,
+                                                  0x2400000020LL, 0x2C00000028LL, 0x3400000030LL, 0x3C00000038LL);
+  for (int64_t t0 = 0; t0 < cols; t0 += kTile) {
+    int8_t* tile = panel + t0 * K;
+    const int64_t tile_rows = std::min(kTile, cols - t0);
+    const int8_t* vrow = values + (n0 + t0) * half;
+    const uint8_t* mrow = meta + (n0 + t0) * mbytes;
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+      const int64_t ng = std::min<int64_t>(16, groups - g0);
+      __m512 r[16];
+      if (tile_rows == kTile && ng == 16) {
+        _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j)
+          r[j] = unpack_row16<true>(vrow + j * half + 2 * g0, mrow + j * mbytes + g0 / 2, 16, control, pair_base,
+                                    nibble_select);
+      } else {
+        for (int j = 0; j < 16; ++j)
+          r[j] = j < tile_rows ? unpack_row16<false>(vrow + j * half + 2 * g0, mrow + j * mbytes + g0 / 2, ng, control,
+                                                     pair_base, nibble_select)
+                               : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      if (ng == 16) {  // a constant count keeps r in registers (a variable one becomes a memcpy from the stack)
+        _Pragma("GCC unroll 16") for (int g = 0; g < 16; ++g) _mm512_storeu_ps(tile + (g0 + g) * 64, r[g]);
+      } else {
+        for (int64_t g = 0; g < ng; ++g) _mm512_storeu_ps(tile + (g0 + g) * 64, r[g]);
+      }
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) wsum[j] = row_sum_i8(values + (n0 + j) * half, half);
 }
 
 // M = 1 (GEMV), int8: the S rows rows[0..S) in one pass over K, each its own pair of streams (values,
@@ -502,26 +575,17 @@ void gemv_i8_rows(const Int8Params& p, const uint8_t* x, const int64_t* rows, bo
   for (int i = 0; i < S; ++i) {
     const int64_t n = rows[i];
     const int32_t dot = _mm512_reduce_add_epi32(acc[i]) - 128 * _mm512_reduce_add_epi32(ws[i]);
-    p.out[n] = float(dot) * (p.x_scales[0] * p.w_scales[n]) + (p.bias ? p.bias[n] : 0.f);
+    p.out[n] = int8_epilogue(dot, p.x_scales[0], p.w_scales[n], p.bias, n);
   }
 }
 
 // M = 1 (GEMV). Two rows at a time from the two halves of the task's range, so each core keeps four
 // sequential streams in flight (values and meta of rows half a task apart; adjacent rows share DRAM pages
 // and stream worse). Intel also gets software prefetch 1 KB ahead in the values and 256 B in the meta; AMD's
-// hardware prefetcher does better alone. The activations are flipped to u8 once per call.
+// hardware prefetcher does better alone.
 void gemv_rows_i8(const Int8Params& p, int64_t n0, int64_t n1) {
   static const bool prefetch = __builtin_cpu_is("intel");
-  alignas(64) uint8_t stack_x[4096];
-  std::vector<uint8_t> heap_x;
-  uint8_t* x = stack_x;
-  if (p.ldx > int64_t(sizeof(stack_x))) {
-    heap_x.resize(size_t(p.ldx));
-    x = heap_x.data();
-  }
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t k = 0; k < p.ldx; k += 64)  // ldx is a multiple of kXPad = 128
-    _mm512_storeu_si512(x + k, _mm512_xor_si512(_mm512_loadu_si512(p.xq + k), flip));
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(p.xq);  // u8 = s8 + 128
   const int64_t h = (n1 - n0) / 2;
   for (int64_t i = 0; i < h; ++i) {
     const int64_t rows[2] = {n0 + i, n0 + h + i};
@@ -576,7 +640,7 @@ void transpose_to_xt(const float* x, int64_t ldx, int64_t rows, int64_t k0, int6
   }
 }
 
-extern const Sparse24Kernels kernels{float_linear, int8_linear, transpose_to_xt};
+extern const Sparse24Kernels kernels{float_linear, int8_linear, true, unpack_int8_panel, transpose_to_xt};
 
 }  // namespace fastdistill::cpu::sparse24::avx512
 #endif
