@@ -111,6 +111,7 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
             _addmm_(grad_w, g_mm.t(), x)
         if need_b:
             grad_b.add_(g.sum(0))
+        del g, g_mm  # before the next chunk's gradient is allocated: one chunk-sized gradient alive at a time
     return row_loss, stats_out, grad_h, grad_w, grad_b
 
 
@@ -181,6 +182,7 @@ def _setup_context(ctx, inputs, output):
     # Handed over to the first backward (a reference kept here would make autograd copy the weight gradient
     # instead of taking it as .grad).
     ctx.grads = output[2:] if any(inputs[16:19]) else None
+    ctx.precomputed = inputs[16:19]
 
 
 def _input_grads(ctx, grad_loss, in_place):
@@ -189,6 +191,8 @@ def _input_grads(ctx, grad_loss, in_place):
     h, w, b, th, tw, tb, tl, labels, stats = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     grads, ctx.grads = ctx.grads, None
+    if grads is not None and not all(done or not need for done, need in zip(ctx.precomputed, needs)):
+        grads = None  # a gradient the forward did not compute is wanted
     shape, ignore_index = (h.shape[0], w.shape[0]), ctx.kd_args[3]
     div = 1 if ctx.reduction in ("sum", "none") else _kd._divisor(shape, labels, ignore_index, ctx.reduction)
     if grads is not None:
