@@ -19,10 +19,12 @@ _OP = "fastdistill.fused_linear_kd_loss"
 _F32 = torch.float32
 
 # The chunk's working set: its fp32 student logits, teacher logits and their gradient (12 bytes per row and vocabulary
-# entry) plus its hidden rows and their gradient. 24 MiB keeps it in a 32 MiB L3 and, at V = 32000, under 1/8 of one
-# fp32 logits tensor of 2048 rows (the memory target); the row floor keeps the weight-gradient GEMM (its inner
-# dimension is the chunk's rows) from being bound by reading and writing the [V, H] accumulator.
-CHUNK_BUDGET_BYTES = 24 << 20
+# entry) plus its hidden rows and their gradient. 20 MiB fits a 32 MiB L3 beside the GEMM's packed panels and keeps
+# a training step at 2048 rows x 1024 -> 32000 within 1/8 of one fp32 logits tensor beyond inputs and gradients (the
+# issue's memory target; the library's own buffers add about 10 MB). Larger chunks run the GEMMs faster (their M is
+# the chunk's rows) at proportionally more memory: pass chunk_size. The row floor keeps the weight-gradient GEMM (its
+# inner dimension is the chunk's rows) from being bound by reading and writing the [V, H] accumulator.
+CHUNK_BUDGET_BYTES = 20 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 1024
 
 
@@ -72,8 +74,9 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
     need_h, need_w, need_b = needs
     backward = grad_rows is not None
     grad_h = torch.empty((rows, h.shape[1]), **kw) if need_h else torch.empty(0, **kw)
-    grad_w = torch.zeros((vocab, w.shape[1]), **kw) if need_w else torch.empty(0, **kw)
-    grad_b = torch.zeros((vocab,), **kw) if need_b else torch.empty(0, **kw)
+    accumulator = torch.empty if rows else torch.zeros  # the first chunk writes them (no separate zero-fill pass)
+    grad_w = accumulator((vocab, w.shape[1]), **kw) if need_w else torch.empty(0, **kw)
+    grad_b = accumulator((vocab,), **kw) if need_b else torch.empty(0, **kw)
     row_loss = None if backward else torch.empty((rows,), **kw)
     stats_out = None if backward else torch.empty((rows, 8), **kw)
     w_mm = _gemm_operand(w)
@@ -108,9 +111,9 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
         if need_h:
             _mm(g_mm, w_mm, grad_h[r0:r1])
         if need_w:
-            _addmm_(grad_w, g_mm.t(), x)
+            _mm(g_mm.t(), x, grad_w) if r0 == 0 else _addmm_(grad_w, g_mm.t(), x)
         if need_b:
-            grad_b.add_(g.sum(0))
+            torch.sum(g, 0, out=grad_b) if r0 == 0 else grad_b.add_(g.sum(0))
         del g, g_mm  # before the next chunk's gradient is allocated: one chunk-sized gradient alive at a time
     return row_loss, stats_out, grad_h, grad_w, grad_b
 
@@ -236,7 +239,7 @@ class _EagerTraining(torch.autograd.Function):
 
 
 def _eager_training(x: Tensor) -> bool:
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active())
 
 
