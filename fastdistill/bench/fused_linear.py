@@ -135,7 +135,7 @@ def peak_memory(rows: int, hidden: int, vocab: int, dtype: str = "float32", whic
 def memory_report(quick: bool = False):
     rows, hidden, vocab = QUICK_MEMORY_SHAPE if quick else MEMORY_SHAPE
     report = []
-    for dtype, name in (("float32", "fp32"), ("bfloat16", "bf16")):
+    for dtype, name in (("float32", "fp32"),) if quick else (("float32", "fp32"), ("bfloat16", "bf16")):
         entry = {"shape": f"{rows}x{hidden}->{vocab}", "dtype": name}
         for which in ("fastdistill", "unfused", "eager", "liger (compiled)"):
             entry[which] = peak_memory(rows, hidden, vocab, dtype, which)
