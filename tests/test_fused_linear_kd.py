@@ -44,12 +44,13 @@ def teacher_logits_in(t, dtype):
     if "teacher_logits" in t:
         return t["teacher_logits"].to(dtype)
     bias = t.get("teacher_bias")
-    return F.linear(t["teacher_hidden"].to(dtype), t["teacher_weight"].to(dtype), None if bias is None else bias.to(dtype))
+    bias = None if bias is None else bias.to(dtype)
+    return F.linear(t["teacher_hidden"].to(dtype), t["teacher_weight"].to(dtype), bias)
 
 
 def unfused(h, w, b, t, dtype, **kw):
     """kd_loss's definition on F.linear's logits: the GEMMs in `dtype` (PyTorch's own precision there), the loss
-    formula in max(dtype, fp32); returns the loss and the leaves (hidden, weight, bias) whose .grad the backward fills."""
+    formula in max(dtype, fp32). Returns the loss and the leaves (hidden, weight, bias) that the backward fills."""
     leaves = [x.detach().to(dtype).requires_grad_() if x is not None else None for x in (h, w, b)]
     logits = F.linear(*leaves)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32

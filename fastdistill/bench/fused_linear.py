@@ -93,7 +93,8 @@ def cases(quick: bool = False, device: str = "cpu"):
 _PEAK_SCRIPT = r"""
 import sys, torch
 from fastdistill.bench.fused_linear import _inputs, implementations
-rows, hidden, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4]), sys.argv[5]
+rows, hidden, vocab = (int(a) for a in sys.argv[1:4])
+dtype, which = getattr(torch, sys.argv[4]), sys.argv[5]
 def step(r):
     h, w, th, tw, labels = _inputs(r, hidden, vocab, dtype)
     fn = implementations(h, w, th, tw, labels)[which]
