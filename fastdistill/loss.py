@@ -1,4 +1,6 @@
 """The fused distillation loss: temperature softmax + divergence, in one pass, no vocab-sized temporaries."""
+import math
+
 import torch
 
 from fastdistill import ops
@@ -37,24 +39,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     if _fused_applies(student_logits):
         return _FusedKDLoss.apply(*args, reduction)
     row_loss, _ = ops.kd_loss_forward(*args)
-    return _reduce(row_loss, student_logits, labels, ignore_index, reduction)
+    return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
 
 
-def _reduce(row_loss, student_logits, labels, ignore_index, reduction):
+def _reduce(row_loss, logits_shape, labels, ignore_index, reduction):
+    """The reduction of the row losses of logits of shape `logits_shape` (the fused lm_head loss shares it)."""
     if reduction == "none":
-        return row_loss.view(student_logits.shape[:-1])
+        return row_loss.view(logits_shape[:-1])
     total = row_loss.sum()
     if reduction == "sum":
         return total
-    return total / _divisor(student_logits, labels, ignore_index, reduction)
+    return total / _divisor(logits_shape, labels, ignore_index, reduction)
 
 
-def _divisor(student_logits, labels, ignore_index, reduction):
+def _divisor(logits_shape, labels, ignore_index, reduction):
     """What mean and batchmean divide the summed row losses by."""
     if reduction == "mean":
-        return max(student_logits.numel(), 1)
+        return max(math.prod(logits_shape), 1)
     if labels is None:
-        return max(ops._rows(student_logits), 1)
+        return max(math.prod(logits_shape[:-1]), 1)
     return (labels != ignore_index).sum().clamp_min(1)
 
 
@@ -82,15 +85,15 @@ class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
                 hard_weight, reduction):
-        grad_scale = 1.0 if reduction in ("sum", "none") else 1.0 / float(_divisor(student, labels, ignore_index,
-                                                                                     reduction))
+        grad_scale = 1.0 if reduction in ("sum", "none") else 1.0 / float(_divisor(student.shape, labels,
+                                                                                     ignore_index, reduction))
         row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
                                                   ignore_index, soft_coef, hard_weight, grad_scale)
         ctx.save_for_backward(student, teacher, labels, stats)
         ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.grad = grad
-        return _reduce(row_loss, student, labels, ignore_index, reduction)  # as the two-op path, bit for bit
+        return _reduce(row_loss, student.shape, labels, ignore_index, reduction)  # as the two-op path, bit for bit
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -113,7 +116,7 @@ class _FusedKDLoss(torch.autograd.Function):
         elif ctx.reduction == "sum":
             grad_rows = grad_loss.expand(rows)
         else:
-            grad_rows = (grad_loss / _divisor(student, labels, ctx.ignore_index, ctx.reduction)).expand(rows)
+            grad_rows = (grad_loss / _divisor(student.shape, labels, ctx.ignore_index, ctx.reduction)).expand(rows)
         grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
                                                       *ctx.params)
         return (grad,) + none

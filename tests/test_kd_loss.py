@@ -32,7 +32,7 @@ def two_op_path(student, teacher, grad_out, reduction, labels=None, ignore_index
             ignore_index, kw.get("soft_weight", 1.0) * kw.get("temperature", 1.0) ** 2, kw.get("hard_weight", 0.0))
     rows, stats = torch.ops.fastdistill.kd_loss_forward(*args)
     x = rows.clone().requires_grad_()
-    loss = fastdistill.loss._reduce(x, student, labels, ignore_index, reduction)
+    loss = fastdistill.loss._reduce(x, student.shape, labels, ignore_index, reduction)
     loss.backward(grad_out)
     grad = torch.ops.fastdistill.kd_loss_backward(x.grad.reshape(-1).contiguous(), student, teacher, labels, stats,
                                                   *args[3:])

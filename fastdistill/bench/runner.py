@@ -10,7 +10,7 @@ import torch
 
 from fastdistill.bench.common import machine_limits, summarize, time_fn
 
-FAMILIES = ("kd", "int8", "sparse")
+FAMILIES = ("kd", "fused_linear", "int8", "sparse")
 SPREAD_WARN = 0.25  # (max - min) / median above this is flagged as noisy
 
 

@@ -1,0 +1,349 @@
+"""The lm_head fused into the distillation loss: fused_linear_kd_loss(h, W, ...) equals
+kd_loss(F.linear(h, W, b), teacher, ...) without the [rows, V] logits ever existing.
+
+Rows are processed in chunks. Per chunk: the student (and teacher) logits in fp32 from the vendor GEMM, the existing
+kd kernel for the row losses and d loss / d logits, then two GEMMs that add the chunk's share of the hidden and
+weight gradients into fp32 accumulators. In training the gradients are computed in the forward (one pass, four
+GEMMs); the backward scales them by grad_output. reduction="none" (one grad_output per row) and a second backward
+recompute the logits chunk by chunk instead.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastdistill import _ext
+from fastdistill import loss as _kd
+
+_OP = "fastdistill.fused_linear_kd_loss"
+_F32 = torch.float32
+
+# The chunk's working set: its fp32 student logits, teacher logits and their gradient (12 bytes per row and vocabulary
+# entry) plus its hidden rows and their gradient. 20 MiB fits a 32 MiB L3 beside the GEMM's packed panels and keeps
+# a training step at 2048 rows x 1024 -> 32000 within 1/8 of one fp32 logits tensor beyond inputs and gradients (the
+# issue's memory target; the library's own buffers add about 10 MB). Larger chunks run the GEMMs faster (their M is
+# the chunk's rows) at proportionally more memory: pass chunk_size. The row floor keeps the weight-gradient GEMM (its
+# inner dimension is the chunk's rows) from being bound by reading and writing the [V, H] accumulator.
+CHUNK_BUDGET_BYTES = 20 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 1024
+
+
+def default_chunk_size(vocab: int, hidden: int) -> int:
+    """Rows per chunk for a [V, H] head: the most rows whose working set fits CHUNK_BUDGET_BYTES, as a multiple of 8,
+    within [MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]."""
+    rows = CHUNK_BUDGET_BYTES // (4 * (3 * vocab + 2 * hidden))
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows // 8 * 8)))
+
+
+def _gemm_operand(x: Tensor) -> Tensor:
+    """The form a GEMM operand takes so that the product accumulates and comes out in fp32. CUDA: as it is (cuBLAS
+    takes out_dtype=float32 for 16-bit inputs). CPU: widened to fp32 (aten::mm.dtype has no CPU kernel in torch 2.14,
+    and a 16-bit GEMM output would round the logits before the softmax); bf16/fp16 values are exact in fp32."""
+    return x if x.dtype == _F32 or x.device.type == "cuda" else x.float()
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = a @ b in fp32 (a and b from _gemm_operand)."""
+    if a.dtype == _F32 and b.dtype == _F32:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b.to(a.dtype), out_dtype=_F32, out=out)
+
+
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place in the fp32 accumulator."""
+    if a.dtype == _F32 and b.dtype == _F32:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b.to(a.dtype), out_dtype=_F32, out=acc)
+
+
+def _logits(x: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """fp32 logits of one chunk, written into `out`."""
+    _mm(x, w.t(), out)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=None, stats=None):
+    """One pass over the row chunks of 2-D inputs. Without grad_rows: (row losses, stats) and, for each of `needs`
+    (hidden, weight, bias), the fp32 gradient of the sum of the row losses. With grad_rows and the forward's stats
+    (the recomputing backward): (None, None) and the fp32 gradients of sum(grad_rows * row losses)."""
+    rows, vocab = h.shape[0], w.shape[0]
+    kw = dict(dtype=_F32, device=h.device)
+    need_h, need_w, need_b = needs
+    backward = grad_rows is not None
+    grad_h = torch.empty((rows, h.shape[1]), **kw) if need_h else torch.empty(0, **kw)
+    accumulator = torch.empty if rows else torch.zeros  # the first chunk writes them (no separate zero-fill pass)
+    grad_w = accumulator((vocab, w.shape[1]), **kw) if need_w else torch.empty(0, **kw)
+    grad_b = accumulator((vocab,), **kw) if need_b else torch.empty(0, **kw)
+    row_loss = None if backward else torch.empty((rows,), **kw)
+    stats_out = None if backward else torch.empty((rows, 8), **kw)
+    w_mm = _gemm_operand(w)
+    tw_mm = _gemm_operand(tw) if tw is not None else None
+    n_max = min(chunk, rows)
+    s_buf = torch.empty((n_max, vocab), **kw)  # reused by every chunk: no fresh pages per chunk
+    t_buf = torch.empty((n_max, vocab), **kw) if th is not None else None
+    fused = h.device.type == "cpu"  # kd_loss_fused (loss and gradient in one call) is a CPU kernel
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        x = _gemm_operand(h[r0:r1])
+        s = _logits(x, w_mm, b, s_buf[: r1 - r0])
+        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else tl[r0:r1]
+        lab = labels[r0:r1] if labels is not None else None
+        if backward:
+            g = torch.ops.fastdistill.kd_loss_backward(grad_rows[r0:r1], s, t, lab, stats[r0:r1], *kd_args)
+        elif not any(needs):
+            loss_c, stats_c = torch.ops.fastdistill.kd_loss_forward(s, t, lab, *kd_args)
+            g = None
+        elif fused:
+            loss_c, stats_c, g = torch.ops.fastdistill.kd_loss_fused(s, t, lab, *kd_args, 1.0)
+        else:
+            loss_c, stats_c = torch.ops.fastdistill.kd_loss_forward(s, t, lab, *kd_args)
+            ones = torch.ones((r1 - r0,), **kw)
+            g = torch.ops.fastdistill.kd_loss_backward(ones, s, t, lab, stats_c, *kd_args)
+        if not backward:
+            row_loss[r0:r1] = loss_c
+            stats_out[r0:r1] = stats_c
+        if g is None:
+            continue
+        g_mm = g if w_mm.dtype == _F32 else g.to(w_mm.dtype)  # CUDA 16-bit GEMM inputs
+        if need_h:
+            _mm(g_mm, w_mm, grad_h[r0:r1])
+        if need_w:
+            _mm(g_mm.t(), x, grad_w) if r0 == 0 else _addmm_(grad_w, g_mm.t(), x)
+        if need_b:
+            torch.sum(g, 0, out=grad_b) if r0 == 0 else grad_b.add_(g.sum(0))
+        del g, g_mm  # before the next chunk's gradient is allocated: one chunk-sized gradient alive at a time
+    return row_loss, stats_out, grad_h, grad_w, grad_b
+
+
+# ---------------------------------------------------------------- dispatcher ops
+# Python custom ops: each composes the kd kernels (torch.ops.fastdistill.kd_loss_*) and the vendor GEMM, so one
+# definition serves CPU and CUDA; register_fake gives torch.compile the shapes, register_autograd the backward.
+
+@torch.library.custom_op("fastdistill::fused_linear_kd_forward", mutates_args=())
+def _forward_op(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+                teacher_logits: Optional[Tensor], labels: Optional[Tensor], temperature: float, divergence: str,
+                beta: float, ignore_index: int, soft_coef: float, hard_weight: float, reduction: str, chunk_size: int,
+                grad_hidden: bool, grad_weight: bool, grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss as `reduction` reduces it, fp32 [] or [rows]; stats [rows, 8]; the fp32 gradients of the SUM of the row
+    losses w.r.t. the 2-D student hidden, weight and bias, each computed only if its flag is set, else empty)."""
+    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+    row_loss, stats, gh, gw, gb = _chunked(student_hidden, student_weight, student_bias, teacher_hidden,
+                                           teacher_weight, teacher_bias, teacher_logits, labels, kd_args, chunk_size,
+                                           (grad_hidden, grad_weight, grad_bias))
+    shape = (student_hidden.shape[0], student_weight.shape[0])
+    loss = row_loss if reduction == "none" else _kd._reduce(row_loss, shape, labels, ignore_index, reduction)
+    return loss, stats, gh, gw, gb
+
+
+@_forward_op.register_fake
+def _forward_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_logits, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
+                  reduction, chunk_size, grad_hidden, grad_weight, grad_bias):
+    rows = student_hidden.shape[0]
+    new = lambda *shape: student_hidden.new_empty(shape, dtype=_F32)  # noqa: E731
+    loss = new(rows) if reduction == "none" else new()
+    return (loss, new(rows, 8), *_grads_fake(student_hidden, student_weight, grad_hidden, grad_weight, grad_bias))
+
+
+def _grads_fake(h, w, grad_hidden, grad_weight, grad_bias):
+    new = lambda *shape: h.new_empty(shape, dtype=_F32)  # noqa: E731
+    return (new(*h.shape) if grad_hidden else new(0), new(*w.shape) if grad_weight else new(0),
+            new(w.shape[0]) if grad_bias else new(0))
+
+
+@torch.library.custom_op("fastdistill::fused_linear_kd_backward", mutates_args=())
+def _backward_op(grad_rows: Tensor, student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                 teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+                 teacher_logits: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, temperature: float,
+                 divergence: str, beta: float, ignore_index: int, soft_coef: float, hard_weight: float,
+                 chunk_size: int, grad_hidden: bool, grad_weight: bool,
+                 grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fp32 gradients of sum(grad_rows * row losses), recomputing each chunk's logits (empty where not asked)."""
+    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+    _, _, gh, gw, gb = _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                teacher_bias, teacher_logits, labels, kd_args, chunk_size,
+                                (grad_hidden, grad_weight, grad_bias), grad_rows=grad_rows, stats=stats)
+    return gh, gw, gb
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_rows, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                   teacher_bias, teacher_logits, labels, stats, temperature, divergence, beta, ignore_index, soft_coef,
+                   hard_weight, chunk_size, grad_hidden, grad_weight, grad_bias):
+    return _grads_fake(student_hidden, student_weight, grad_hidden, grad_weight, grad_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    h, w, b, th, tw, tb, tl, labels = inputs[:8]
+    ctx.kd_args = inputs[8:14]
+    ctx.reduction, ctx.chunk_size = inputs[14], inputs[15]
+    ctx.save_for_backward(h, w, b, th, tw, tb, tl, labels, output[1])
+    # Handed over to the first backward (a reference kept here would make autograd copy the weight gradient
+    # instead of taking it as .grad).
+    ctx.grads = output[2:] if any(inputs[16:19]) else None
+    ctx.precomputed = inputs[16:19]
+
+
+def _input_grads(ctx, grad_loss, in_place):
+    """The gradients for (hidden, weight, bias): the forward's, scaled by grad_output (in place in eager training,
+    where nothing else holds them), or, for reduction="none" and a second backward, recomputed chunk by chunk."""
+    h, w, b, th, tw, tb, tl, labels, stats = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    grads, ctx.grads = ctx.grads, None
+    if grads is not None and not all(done or not need for done, need in zip(ctx.precomputed, needs)):
+        grads = None  # a gradient the forward did not compute is wanted
+    shape, ignore_index = (h.shape[0], w.shape[0]), ctx.kd_args[3]
+    div = 1 if ctx.reduction in ("sum", "none") else _kd._divisor(shape, labels, ignore_index, ctx.reduction)
+    if grads is not None:
+        scale = grad_loss / div
+        grads = [(g.mul_(scale) if in_place else g * scale) if need else None for g, need in zip(grads, needs)]
+    else:
+        grad_rows = grad_loss.reshape(-1) if ctx.reduction == "none" else (grad_loss / div).expand(h.shape[0])
+        grads = _backward_op(grad_rows.to(_F32).contiguous(), h, w, b, th, tw, tb, tl, labels, stats, *ctx.kd_args,
+                             ctx.chunk_size, *needs)
+    return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, (h, w, b), needs)) + (None,) * 16
+
+
+def _backward(ctx, grad_loss, *_):
+    return _input_grads(ctx, grad_loss, in_place=False)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(f"{_OP}: double backward (gradients of the gradient) is not supported")
+
+
+_backward_op.register_autograd(_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _EagerTraining(torch.autograd.Function):
+    """Eager training: the op's registered autograd, but scaling the forward's gradients in place, so no second
+    weight-sized gradient exists (the registered backward stays functional for torch.compile and opcheck; as in
+    fastdistill.loss)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_op(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _input_grads(ctx, grad_loss, in_place=True)
+
+
+def _eager_training(x: Tensor) -> bool:
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+# ---------------------------------------------------------------- public API
+def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
+                         teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
+                         student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                         chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
+                         beta: float = 0.5, reduction: str = "batchmean", labels: Optional[Tensor] = None,
+                         ignore_index: int = -100, soft_weight: float = 1.0, hard_weight: float = 0.0,
+                         scale_by_t2: bool = True) -> Tensor:
+    """kd_loss(F.linear(student_hidden, student_weight, student_bias), teacher, ...) without the logits.
+
+    The teacher comes in one form: its hidden states [..., Ht] and head `teacher_weight` [V, Ht] (optional
+    `teacher_bias`), where Ht may differ from the student's H; or precomputed `teacher_logits` [..., V]. Every other
+    keyword means what it means for :func:`fastdistill.kd_loss`. The logits are computed `chunk_size` rows at a time
+    (default: :func:`default_chunk_size`), in fp32 whatever the inputs' dtype. Gradients go to the student's hidden
+    states, weight and bias (those that require grad, each in its own dtype); the teacher never gets one.
+    """
+    if reduction not in _kd.REDUCTIONS:
+        raise ValueError(f"{_OP}: reduction must be one of {_kd.REDUCTIONS}, got {reduction!r}")
+    if student_hidden.dim() < 1 or student_weight.dim() != 2:
+        raise ValueError(f"{_OP}: student_hidden must be [..., H] and student_weight [V, H], got "
+                         f"{list(student_hidden.shape)} and {list(student_weight.shape)}")
+    lead, hidden = student_hidden.shape[:-1], student_hidden.shape[-1]
+    vocab = student_weight.shape[0]
+    if student_weight.shape[1] != hidden:
+        raise ValueError(f"{_OP}: the hidden size of student_hidden ({hidden}) does not match student_weight "
+                         f"{list(student_weight.shape)} (expected [V, {hidden}])")
+    _check_bias(student_bias, vocab, "student")
+    from_hidden = teacher_hidden is not None or teacher_weight is not None
+    if from_hidden == (teacher_logits is not None):
+        raise ValueError(f"{_OP}: give the teacher in exactly one form: teacher_hidden and teacher_weight, or "
+                         f"teacher_logits (got {'both' if from_hidden else 'neither'})")
+    rows = student_hidden.numel() // hidden if hidden else 0
+    if from_hidden:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(f"{_OP}: teacher_hidden and teacher_weight go together (got only one)")
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1:] != teacher_weight.shape[1:]:
+            raise ValueError(f"{_OP}: the hidden size of teacher_hidden {list(teacher_hidden.shape)} does not match "
+                             f"teacher_weight {list(teacher_weight.shape)} (expected [V, Ht])")
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(f"{_OP}: the teacher's vocabulary ({teacher_weight.shape[0]}) differs from the student's "
+                             f"({vocab})")
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"{_OP}: teacher_hidden must have the student's leading shape {list(lead)}, got "
+                             f"{list(teacher_hidden.shape[:-1])}")
+        _check_bias(teacher_bias, vocab, "teacher")
+        teacher_hidden = teacher_hidden.detach().reshape(rows, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight.detach()
+        teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
+    else:
+        if teacher_bias is not None:
+            raise ValueError(f"{_OP}: teacher_bias goes with teacher_weight, not with teacher_logits")
+        if teacher_logits.shape[-1] != vocab:
+            raise ValueError(f"{_OP}: the teacher's vocabulary ({teacher_logits.shape[-1]}) differs from the "
+                             f"student's ({vocab})")
+        if teacher_logits.shape[:-1] != lead:
+            raise ValueError(f"{_OP}: teacher_logits must have the student's leading shape {list(lead)}, got "
+                             f"{list(teacher_logits.shape[:-1])}")
+        teacher_logits = teacher_logits.detach().reshape(rows, vocab)
+    if labels is not None:
+        if labels.shape != lead:
+            raise ValueError(f"{_OP}: labels must have the hidden states' leading shape {list(lead)}, got "
+                             f"{list(labels.shape)}")
+        labels = labels.reshape(rows)
+    _ext.require("kd_loss_forward", student_hidden.device)
+    chunk = default_chunk_size(vocab, hidden) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
+    t = float(temperature)
+    soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
+    # The gradients are computed in the forward when one scalar grad_output will scale them all.
+    grad_on = torch.is_grad_enabled() and reduction != "none"
+    precompute = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
+    args = (student_hidden.reshape(rows, hidden), student_weight, student_bias, teacher_hidden, teacher_weight,
+            teacher_bias, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
+            float(hard_weight), reduction, chunk, *precompute)
+    loss = _EagerTraining.apply(*args) if any(precompute) and _eager_training(student_hidden) else _forward_op(*args)[0]
+    return loss.view(lead) if reduction == "none" else loss
+
+
+def _check_bias(bias, vocab, who):
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"{_OP}: {who}_bias must be [V] = [{vocab}], got {list(bias.shape)}")
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """nn.Module form of :func:`fused_linear_kd_loss`:
+    ``FusedLinearKDLoss(temperature=2.0)(hidden, lm_head.weight, teacher_hidden, teacher_head.weight)``."""
+
+    def __init__(self, *, chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
+                 hard_weight: float = 0.0, scale_by_t2: bool = True):
+        super().__init__()
+        self.kwargs = dict(chunk_size=chunk_size, temperature=temperature, divergence=divergence, beta=beta,
+                           reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
+                           hard_weight=hard_weight, scale_by_t2=scale_by_t2)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+                teacher_logits=None, labels=None, student_bias=None, teacher_bias=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                    teacher_logits=teacher_logits, labels=labels, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
