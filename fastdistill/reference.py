@@ -99,11 +99,11 @@ def sparse24_linear_reference(x, values, meta, bias=None, w_scales=None, dtype=N
 
     dtype = dtype or x.dtype
     w = decompress_2_4(values, meta).to(dtype)
-    if w_scales is not None:
+    if w_scales is not None:  # the integer sums first, as int8_linear_reference
         q, s = quantize_symmetric_reference(x)
-        x = q.to(dtype) * s.to(dtype).unsqueeze(-1)
-        w = w * w_scales.to(dtype).unsqueeze(-1)
-    y = x.to(dtype) @ w.t()
+        y = (q.to(dtype) @ w.t()) * s.to(dtype).unsqueeze(-1) * w_scales.to(dtype)
+    else:
+        y = x.to(dtype) @ w.t()
     if bias is not None:
         y = y + bias.to(dtype)
     return y
@@ -128,11 +128,10 @@ def quantize_symmetric_reference(x: torch.Tensor):
 
 
 def int8_linear_reference(x, w_int8, w_scales, bias=None, dtype=torch.float64):
-    """Dynamic W8A8, the dequantised math in `dtype`: (q(x) * s_x) @ (w * s_w)^T + bias."""
+    """Dynamic W8A8 in `dtype`: (q(x) @ w^T) * s_x * s_w + bias. The integer sums come first, as in the kernels, so
+    in fp64 they are exact (|sum| < 2^53) and the result is the scheme's exact value."""
     xq, xs = quantize_symmetric_reference(x)
-    a = xq.to(dtype) * xs.to(dtype).unsqueeze(-1)
-    w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
-    y = a @ w.T
+    y = (xq.to(dtype) @ w_int8.to(dtype).T) * xs.to(dtype).unsqueeze(-1) * w_scales.to(dtype)
     return y + bias.to(dtype) if bias is not None else y
 
 

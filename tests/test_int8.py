@@ -13,6 +13,8 @@ from fastdistill.isa import available_cpu_isas
 from fastdistill.reference import (int8_linear_reference, int8_weight_only_linear_reference,
                                    quantize_symmetric_reference)
 
+from bounds import assert_epilogue_rounding_only, assert_fp32_sum_rounding_only
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (3, 3, 17), (2, 17, 3), (7, 100, 33), (1, 4097, 100), (13, 64, 70), (130, 40, 129)]
 BIG = [(9, 4500, 70), (100, 2500, 40)]  # several K slices (2048) and row chunks (96)
@@ -77,28 +79,6 @@ def test_quantize_per_channel_matches_reference(dtype):
 
 
 # ---------------------------------------------------------------- int8_linear / weight-only
-def assert_epilogue_rounding_only(y, ref, bias, out_dtype=torch.float32):
-    """W8A8 against the exact result of the same scheme, per element: the int32 sums are exact, so only the fp32
-    epilogue (int32 -> fp32, times two scales, plus bias: a few roundings) and the output dtype may differ."""
-    b = bias.double().abs() if bias is not None else 0.0
-    unbiased = (ref - (bias.double() if bias is not None else 0.0)).abs()
-    bound = 4 * torch.finfo(torch.float32).eps * (unbiased + b) + torch.finfo(out_dtype).eps * ref.abs() + 1e-30
-    excess = (y.double() - ref).abs() - bound
-    assert (excess <= 0).all(), (excess.max().item(), (y.double() - ref).abs().max().item())
-
-
-def assert_fp32_sum_rounding_only(y, ref, x, w_dequant, bias, out_dtype):
-    """Weight-only against x @ (w * s_w)^T + bias in fp64, per element: fp32 sums of K products (random-walk bound
-    2 sqrt(K) eps32 sum |x||w|), the bias add, and the output's rounding to its dtype."""
-    k = max(x.shape[-1], 1)
-    mag = x.double().abs() @ w_dequant.double().abs().T
-    b = bias.double().abs() if bias is not None else 0.0
-    eps = torch.finfo(torch.float32).eps
-    bound = 2 * k ** 0.5 * eps * mag + 2 * eps * b + torch.finfo(out_dtype).eps * ref.abs() + 1e-30
-    excess = (y.double() - ref).abs() - bound
-    assert (excess <= 0).all(), (excess.max().item(), (y.double() - ref).abs().max().item())
-
-
 @pytest.mark.parametrize("m,k,n", SHAPES + BIG)
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_vs_fp64_reference(isa, m, k, n, bias):
