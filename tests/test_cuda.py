@@ -6,7 +6,9 @@ import torch
 import fastdistill
 from fastdistill import ops
 from fastdistill.reference import (compressed_2_4_sample, kd_loss_reference, kd_reverse_kl_grad_reference,
-                                   quantize_symmetric_reference)
+                                   quantize_symmetric_reference, sparse24_linear_reference)
+
+from bounds import assert_epilogue_rounding_only
 
 pytestmark = pytest.mark.cuda
 
@@ -257,12 +259,34 @@ def test_sparse24_int8_and_opcheck_cuda():
     torch.testing.assert_close(f(x), y)
 
 
+@pytest.mark.parametrize("M", [1, 5, 16, 64])
+@pytest.mark.parametrize("K,N", [(256, 32), (1028, 24), (4096, 4096)])
+@pytest.mark.parametrize("xdtype", DTYPES)
+def test_sparse24_int8_linear_cuda_vs_exact_scheme(M, K, N, xdtype):
+    """Both CUDA paths (the GEMV up to 16 rows, decompress + torch._int_mm above) against the exact result of the
+    scheme, per element: integer sums x activation scale x weight scale + bias, within the epilogue's roundings and
+    one unit in the last place of the output dtype."""
+    if not _sparse_ops_built():
+        pytest.skip("2:4 schemas not in this build")
+    ops4 = torch.ops.fastdistill
+    wq, ws = ops4.quantize_per_channel(torch.randn(N, K))
+    values, meta, _ = compressed_2_4_sample(wq)
+    bias = torch.randn(N) * 4  # large enough that a dropped bias cannot hide in the tolerance
+    x = torch.randn(M, K).to(xdtype)
+    y = ops4.sparse24_int8_linear(x.cuda(), values.cuda(), meta.cuda(), ws.cuda(), bias.cuda())
+    assert y.dtype == xdtype and y.shape == (M, N)
+    ref = sparse24_linear_reference(x, values, meta, bias, w_scales=ws, dtype=torch.float64)
+    assert_epilogue_rounding_only(y.cpu(), ref, bias, xdtype)
+
+
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 @pytest.mark.parametrize("shape", [(64,), (3, 40)])
 def test_sparse_linear_semi_structured_cuda(backend, shape):
     if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
         pytest.skip("this torch has no cuSPARSELt")
     lin = torch.nn.Linear(256, 128).cuda().bfloat16()
+    with torch.no_grad():
+        lin.bias.normal_(0, 4)  # Linear's default |bias| <= 1/16 would vanish inside the tolerance
     layer = fastdistill.SparseLinear.from_dense(lin)
     layer.semi_structured_backend = backend
     x = torch.randn(*shape, 256, device="cuda", dtype=torch.bfloat16)
