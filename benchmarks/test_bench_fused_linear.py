@@ -3,11 +3,17 @@ import pytest
 
 from fastdistill.bench import fused_linear
 
-IDS = [f"{c.shape}-{c.dtype}" for c in fused_linear.cases(quick=True)]
 IMPLS = ["fastdistill", "unfused", "eager", "liger (compiled)"]
 
 
-@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
+def pytest_generate_tests(metafunc):
+    # The IDs name the shapes this run measures: the quick ones under --benchmark-disable, else the full ones.
+    if "index" in metafunc.fixturenames:
+        quick = metafunc.config.getoption("benchmark_disable", default=False)
+        ids = [f"{c.shape}-{c.dtype}" for c in fused_linear.cases(quick=quick)]
+        metafunc.parametrize("index", range(len(ids)), ids=ids)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_loss(benchmark, quick, index, impl):
     case = fused_linear.cases(quick=quick)[index]
