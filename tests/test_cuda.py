@@ -151,10 +151,24 @@ def test_kd_loss_compile():
 
 def test_kd_loss_errors_cuda():
     s = torch.randn(2, 10, device="cuda")
-    with pytest.raises(RuntimeError, match="student and teacher must have the same shape"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: student and teacher must have the same shape"):
         ops.kd_loss_forward(s, torch.randn(2, 11, device="cuda"), None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="student and teacher must be on the same device"):
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.kd_loss: student and teacher must be on the same device"):
         ops.kd_loss_forward(s, s.cpu(), None, 1.0, "forward_kl", 0.5, -100, 1.0, 0.0)
+
+
+def test_device_mismatch_reaches_the_cuda_checks():
+    """A real CUDA x with CPU weights dispatches to the CUDA kernels, whose checks name the op and the tensor."""
+    x = torch.randn(3, 64, device="cuda")
+    q, s = ops.quantize_per_channel(torch.randn(8, 64))
+    packed = ops.int8_pack_weight(q.cuda())
+    for what, args in [("w_scales", (x, packed, s, None)), ("bias", (x, packed, s.cuda(), torch.zeros(8)))]:
+        with pytest.raises(RuntimeError, match=rf"^fastdistill\.int8_linear: {what} must be on x's device"):
+            torch.ops.fastdistill.int8_linear(*args)
+    values, meta, _ = compressed_2_4_sample(torch.randn(8, 64))
+    for what, args in [("values", (x, values, meta.cuda(), None)), ("meta", (x, values.cuda(), meta, None))]:
+        with pytest.raises(RuntimeError, match=rf"^fastdistill\.sparse24_linear: {what} must be on x's device"):
+            torch.ops.fastdistill.sparse24_linear(*args)
 
 
 # --------------------------------------------------------------------------------------------- int8
