@@ -63,6 +63,23 @@ def summarize(samples: List[float]) -> Dict[str, float]:
     return {"median": med, "min": min(samples), "spread": (max(samples) - min(samples)) / med if med else 0.0}
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def resident_rise_during(fn: Callable[[], object]) -> int:
+    """Bytes by which this process's resident set rose above its level before fn() at fn's high-water mark
+    (Linux: /proc/self/status). getrusage's ru_maxrss survives fork + exec (it would report the parent's peak);
+    VmHWM belongs to this process's memory map, and writing 5 to clear_refs resets it to the current RSS. The
+    peak-memory benchmarks call it in a fresh process, after a warm-up."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS") * 1024
+    fn()
+    return _status_kb("VmHWM") * 1024 - before
+
+
 def last_level_cache_bytes() -> int:
     """The largest CPU cache this OS reports (sysfs), 0 if unknown."""
     import glob

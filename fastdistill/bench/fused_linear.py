@@ -92,6 +92,7 @@ def cases(quick: bool = False, device: str = "cpu"):
 
 _PEAK_SCRIPT = r"""
 import sys, torch
+from fastdistill.bench.common import resident_rise_during
 from fastdistill.bench.fused_linear import _inputs, implementations
 rows, hidden, vocab = (int(a) for a in sys.argv[1:4])
 dtype, which = getattr(torch, sys.argv[4]), sys.argv[5]
@@ -105,17 +106,9 @@ def step(r):
 step(8)  # warm up on a small batch: libraries, kernels, compilation
 h, w, th, tw, labels = _inputs(rows, hidden, vocab, dtype)
 fn = implementations(h, w, th, tw, labels)[which]
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-# VmHWM belongs to this process's memory map; writing 5 to clear_refs resets it to the current RSS.
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status_kb("VmRSS") * 1024
-fn().backward()
-peak = status_kb("VmHWM") * 1024
+rise = resident_rise_during(lambda: fn().backward())
 grads = sum(x.grad.numel() * x.grad.element_size() for x in (h, w))
-print((peak - before - grads) / (rows * vocab * 4))
+print((rise - grads) / (rows * vocab * 4))
 """
 
 

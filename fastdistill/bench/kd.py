@@ -105,6 +105,7 @@ def cases(quick: bool = False, device: str = "cpu"):
 _PEAK_SCRIPT = r"""
 import sys, torch
 import fastdistill
+from fastdistill.bench.common import resident_rise_during
 from fastdistill.reference import kd_loss_eager
 rows, vocab, dtype, which = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
 if which == "fastdistill":
@@ -120,18 +121,9 @@ def step(r):
     return s, t
 step(8)  # warm up on a small batch: libraries, kernels, compilation
 s = torch.randn(rows, vocab).to(dtype).requires_grad_(); t = torch.randn(rows, vocab).to(dtype)
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-# getrusage's ru_maxrss survives fork + exec (it would report the parent's peak); VmHWM belongs to
-# this process's memory map, and writing 5 to clear_refs resets it to the current RSS.
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status_kb("VmRSS") * 1024
-fn(s, t).backward()
-peak = status_kb("VmHWM") * 1024
+rise = resident_rise_during(lambda: fn(s, t).backward())
 logits = rows * vocab * s.element_size()
-print((peak - before - s.grad.numel() * s.grad.element_size()) / logits)
+print((rise - s.grad.numel() * s.grad.element_size()) / logits)
 """
 
 
