@@ -261,6 +261,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     """
     if reduction not in _kd.REDUCTIONS:
         raise ValueError(f"{_OP}: reduction must be one of {_kd.REDUCTIONS}, got {reduction!r}")
+    if _is_dtensor(student_hidden):
+        raise ValueError(f"{_OP}: student_hidden is a DTensor; pass its local tensor (only the heads may be DTensors)")
+    student_weight, student_bias, teacher_weight, teacher_bias = (
+        _gathered(x) for x in (student_weight, student_bias, teacher_weight, teacher_bias))
     if student_hidden.dim() < 1 or student_weight.dim() != 2:
         raise ValueError(f"{_OP}: student_hidden must be [..., H] and student_weight [V, H], got "
                          f"{list(student_hidden.shape)} and {list(student_weight.shape)}")
@@ -320,6 +324,23 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             float(hard_weight), reduction, chunk, *precompute)
     loss = _EagerTraining.apply(*args) if any(precompute) and _eager_training(student_hidden) else _forward_op(*args)[0]
     return loss.view(lead) if reduction == "none" else loss
+
+
+def _is_dtensor(x) -> bool:
+    if x is None or type(x) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(x, DTensor)
+
+
+def _gathered(x: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor head (FSDP2 shards, read outside its module's forward, where FSDP2 would have gathered them) as the
+    full tensor. Its gradient goes back averaged over the mesh, into the shards, as FSDP2 reduces every other
+    gradient (a plain full_tensor() would hand each rank only its own slice of its own gradient)."""
+    if not _is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Partial
+    return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
 
 
 def _check_bias(bias, vocab, who):
