@@ -102,12 +102,27 @@ def train(rank, wrap):
 CASES = ("ddp", "fsdp2_root", "fsdp2_sharded_heads")
 
 
+def dtensor_hidden_error():
+    """The message for DTensor hidden states (only the heads are gathered)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    hidden = distribute_tensor(torch.randn(3, HIDDEN), init_device_mesh("cpu", (WORLD,)), [Replicate()])
+    try:
+        fused_linear_kd_loss(hidden, torch.randn(VOCAB, HIDDEN), teacher_logits=torch.randn(3, VOCAB))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.save({case: train(rank, case) for case in CASES}, Path(out_dir) / f"rank{rank}.pt")
+        results = {case: train(rank, case) for case in CASES}
+        results["dtensor_hidden_error"] = dtensor_hidden_error()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -168,3 +183,9 @@ def test_example_script_under_torchrun(tmp_path):
     assert result["world_size"] == 2
     assert result["losses"][-1] < 0.9 * result["losses"][0], result["losses"]
     assert result["max_param_diff_across_ranks"] == 0.0
+
+
+def test_dtensor_hidden_states_are_a_clear_error(distributed_runs):
+    for rank_result in distributed_runs:
+        assert rank_result["dtensor_hidden_error"].startswith(
+            "fastdistill.fused_linear_kd_loss: student_hidden is a DTensor; pass its local tensor")
