@@ -8,6 +8,7 @@ Tiny Llama student and a wider teacher, built from configs (nothing is downloade
 right padding. Needs transformers and accelerate (pip install "fastdistill[transformers]").
 """
 import argparse
+import os
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -61,12 +62,13 @@ def main():
     args = parser.parse_args()
 
     student, teacher = student_and_teacher()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
     fsdp = dict(fsdp="full_shard", fsdp_config=dict(fsdp_version=2, transformer_layer_cls_to_wrap=["LlamaDecoderLayer"]))
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation,
         max_steps=args.steps, learning_rate=args.lr, optim=args.optim, lr_scheduler_type="constant", max_grad_norm=0.0,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-        ddp_backend=None if torch.cuda.is_available() else "gloo", **(fsdp if args.fsdp2 else {}))
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, **(fsdp if args.fsdp2 else {}))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args, kd=KD,
                                   train_dataset=TokenSequences(args.samples))
     trainer.train()
