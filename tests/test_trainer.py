@@ -97,6 +97,19 @@ def test_compute_loss_without_num_items_is_batchmean():
     assert err(loss, ref) <= 2 * err(plain, ref) + 1e-5 * ref.item()
 
 
+def test_evaluate(tmp_path):
+    """Trainer.evaluate (prediction_step calls compute_loss with this batch's item count): one batch of 3, the mean
+    over its counted positions."""
+    student, teacher = example.student_and_teacher()
+    data = example.TokenSequences(3, seed=5)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, kd=KD, eval_dataset=data,
+                                  args=training_args(tmp_path, per_device_eval_batch_size=3))
+    loss = trainer.evaluate()["eval_loss"]
+    ref, _ = full_logits_loss(student, teacher, full_batch(data), torch.float64, reduction="batchmean", **KD)
+    plain, _ = full_logits_loss(student, teacher, full_batch(data), torch.float32, reduction="batchmean", **KD)
+    assert err(loss, ref) <= 2 * err(plain, ref) + 1e-5 * ref.item()
+
+
 def test_training_lowers_the_loss_and_leaves_the_teacher_alone(tmp_path):
     student, teacher = example.student_and_teacher()
     teacher.train()  # the trainer puts it in eval mode

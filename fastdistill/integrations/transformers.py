@@ -80,13 +80,10 @@ class DistillationTrainer(Trainer):
         shifted = torch.cat([labels[..., 1:], labels.new_full(labels[..., :1].shape, ignore_index)], dim=-1)
         head, teacher_head = student.get_output_embeddings(), self.teacher_model.get_output_embeddings()
         kw = dict(self.kd, labels=shifted.to(hidden.device), student_bias=head.bias, teacher_bias=teacher_head.bias)
-        if num_items_in_batch is None:
-            loss = fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_head.weight, **kw)
-        else:
-            loss = fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_head.weight, reduction="sum",
-                                        **kw)
-            loss = loss / num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) \
-                else loss / num_items_in_batch
+        reduction = "batchmean" if num_items_in_batch is None else "sum"
+        loss = fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_head.weight, reduction=reduction, **kw)
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 # num_items_in_batch counts every device's items, and DDP/FSDP average the devices' gradients.
                 loss = loss * self.accelerator.num_processes
