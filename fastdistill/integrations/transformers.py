@@ -35,9 +35,10 @@ class DistillationTrainer(Trainer):
     ``soft_weight``, ``hard_weight``, ``scale_by_t2``, ``ignore_index``, ``chunk_size``). Each batch needs
     ``labels`` (as for the model's own loss: the tokens, ``ignore_index`` where no target); they are shifted by one
     for next-token prediction, and positions whose shifted label is ignored count in neither the soft nor the hard
-    term. The loss is averaged over the counted positions; under gradient accumulation it is summed and divided by
-    the Trainer's ``num_items_in_batch`` (and made per-device-sum under ``average_tokens_across_devices``), as
-    transformers normalises its own causal-LM loss. The teacher runs in eval mode without gradients.
+    term. When the Trainer passes ``num_items_in_batch`` (the counted positions of every accumulated batch, on every
+    device under ``average_tokens_across_devices``) the loss is the sum over this batch's positions divided by it, as
+    transformers normalises its own causal-LM loss; otherwise the mean over this batch's counted positions. The
+    teacher runs in eval mode without gradients.
     """
 
     def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None,
