@@ -109,12 +109,16 @@ def test_low_precision_inputs(divergence, reduction, dtype):
 
 
 def test_low_precision_beats_rounded_logits():
-    """For bf16 inputs the fused loss is far closer to the fp64 truth than F.linear in bf16 (rounded logits)."""
+    """For bf16 inputs the fused loss is as close to the fp64 truth as the fp32 pipeline on the same inputs (up to
+    a few fp32 ulps of the loss: the chunked sums round differently), and an order of magnitude closer than F.linear
+    in bf16 (rounded logits)."""
     h, w, b, t = problem(64, 256, 4000, torch.bfloat16)
     ours = fused_linear_kd_loss(h, w, **t, temperature=1.0)
     ref, _ = unfused(h, w, b, t, torch.float64)
+    fp32, _ = unfused(h, w, b, t, torch.float32)
     plain, _ = unfused(h, w, b, t, torch.bfloat16)
-    assert err(ours, ref) * 20 < err(plain, ref), (err(ours, ref), err(plain, ref))
+    assert err(ours, ref) <= 2 * err(fp32, ref) + 16 * torch.finfo(torch.float32).eps * ref.abs().item()
+    assert err(ours, ref) * 10 < err(plain, ref), (err(ours, ref), err(plain, ref))
 
 
 @pytest.mark.parametrize("vocab", [1, 3, 33, 101, 1000])
