@@ -6,6 +6,7 @@
 #include "cpu/int8_kernels.h"
 #include "cpu/kd_loss_kernels.h"
 #include "cpu/sparse24_kernels.h"
+#include "cpu/task_runner.h"
 #include "fastdistill/int8.h"
 
 namespace {
@@ -71,6 +72,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_levels", &kernel_levels);
   m.def("dispatched_levels", &dispatched_levels);
   m.def("int8_packed_layout", &int8_packed_layout);
+  m.def("threads_for_work", &fastdistill::cpu::threads_for_work,
+        "Threads the CPU ops wake for this much work (int8 multiply-add equivalents); 1 = no parallel region");
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();
     return std::map<std::string, bool>{

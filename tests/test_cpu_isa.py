@@ -142,3 +142,33 @@ def test_results_do_not_depend_on_the_thread_count(isa, dtype):
     for run in runs[1:]:
         for i, (a, b) in enumerate(zip(runs[0], run)):
             assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 384, 384), (14, 384, 384), (32, 384, 384), (64, 768, 768)])
+def test_thread_policy_both_sides_of_the_crossover(m, k, n):
+    """Small problems run on the calling thread (no parallel region: waking the pool cost more than the work),
+    larger ones on more threads; the linears give the same bits either way."""
+    from fastdistill import _C, compress_2_4
+    threads = torch.get_num_threads()
+    dense_int8_work = m * k * n  # int8 multiply-add equivalents, as the ops count them
+    try:
+        torch.set_num_threads(2)
+        expect = 1 if dense_int8_work < 4e6 else 2
+        assert _C.threads_for_work(dense_int8_work) == expect
+        assert _C.threads_for_work(0) == 1 and _C.threads_for_work(1e12) == 2
+        g = torch.Generator().manual_seed(m)
+        w, x, bias = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+        q, s = ops.quantize_per_channel(w)
+        packed = ops.int8_pack_weight(q)
+        values, meta = compress_2_4(w)
+        q24 = values.mul(50).round().clamp(-127, 127).to(torch.int8)
+        runs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append((ops.int8_linear(x, packed, s, bias), ops.sparse24_linear(x, values, meta, bias),
+                         ops.sparse24_int8_linear(x, q24, meta, s, bias)))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)

@@ -6,8 +6,10 @@
 
 #include <atomic>
 #include <cstring>
+#include <vector>
 
 #include "cpu/int8_kernels.h"
+#include "cpu/task_runner.h"
 #include "glue/int8.h"
 
 namespace fastdistill::cpu::int8 {
@@ -23,13 +25,15 @@ constexpr int64_t kBf16MinRows = 8;
 
 // Tasks = (64-column panel) x (96-row tile), panel-major so consecutive tasks (one thread's share)
 // reuse a panel of weights from cache. Each output element belongs to exactly one task, so the
-// result does not depend on the thread count.
+// result does not depend on the thread count. A small problem runs on the calling thread (threads_for_work).
 template <typename F>
-void for_tiles(int64_t m, int64_t nblocks, const F& f) {
+void for_tiles(int64_t m, int64_t nblocks, int64_t k_pad, const F& f) {
   if (m == 0 || nblocks == 0) return;
   const int64_t panels = (nblocks + kPanelBlocks - 1) / kPanelBlocks;
   const int64_t tiles = (m + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, panels * tiles, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t threads = threads_for_work(double(m) * double(nblocks * kNB) * double(k_pad));
+  const int64_t grain = (panels * tiles + threads - 1) / threads;
+  at::parallel_for(0, panels * tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / tiles, mt = t % tiles;
       f(mt * kTileRows, std::min(m, (mt + 1) * kTileRows), p * kPanelBlocks,
@@ -137,22 +141,30 @@ at::Tensor int8_unpack_weight(const at::Tensor& packed, int64_t n, int64_t k) {
   return w;
 }
 
-// Quantises x (M x K rows, contiguous) into a [M, k_pad] operand for the table's GEMM kernel.
-at::Tensor quantize_operand(const Int8Kernels& kern, const at::Tensor& x2, DType dt, int64_t k_pad, at::Tensor& scales) {
+// Quantises x (M x K rows, contiguous) into the [M, k_pad] operand of the table's GEMM kernel and its [M] scales,
+// in the calling thread's scratch (kept between calls: no allocation per call beyond the output). The workers of
+// the GEMM's parallel region only read it, while the caller waits.
+struct Operand {
+  const int8_t* a;
+  const float* scales;
+};
+Operand quantize_operand(const Int8Kernels& kern, const at::Tensor& x2, DType dt, int64_t k_pad) {
+  thread_local std::vector<int8_t> a;
+  thread_local std::vector<float> scales;
   const int64_t m = x2.size(0), k = x2.size(1);
-  at::Tensor a = at::empty({m, k_pad}, x2.options().dtype(at::kChar));
-  scales = at::empty({m}, x2.options().dtype(at::kFloat));
+  if (int64_t(a.size()) < m * k_pad) a.resize(size_t(m * k_pad));
+  if (int64_t(scales.size()) < m) scales.resize(size_t(m));
   QuantParams p;
   p.dtype = dt;
   p.x = x2.data_ptr();
   p.rows = m;
   p.ldx = p.k = k;
   p.k_pad = p.ldq = k_pad;
-  p.q = a.data_ptr<int8_t>();
-  p.scales = scales.data_ptr<float>();
+  p.q = a.data();
+  p.scales = scales.data();
   p.xor_mask = kern.u8_activations ? 0x80 : 0;
   at::parallel_for(0, m, row_grain(k), [&](int64_t r0, int64_t r1) { kern.quantize_rows(p, r0, r1); });
-  return a;
+  return {a.data(), scales.data()};
 }
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
@@ -168,10 +180,9 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     const at::Tensor ws = scales_in.contiguous();
     at::Tensor bias;
     if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-    at::Tensor xs;
-    const at::Tensor a = quantize_operand(kern, x2, dt, h.k_pad, xs);
+    const Operand a = quantize_operand(kern, x2, dt, h.k_pad);
     GemmParams p{};
-    p.a = a.data_ptr<int8_t>();
+    p.a = a.a;
     p.lda = h.k_pad;
     p.shifted = kern.u8_activations;
     p.w = packed_data(packed.data_ptr<int8_t>(), h.n_pad);
@@ -181,10 +192,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     p.out = out.data_ptr();
     p.out_dtype = dt;
     p.ldo = h.n;
-    p.x_scales = xs.data_ptr<float>();
+    p.x_scales = a.scales;
     p.w_scales = ws.data_ptr<float>();
     p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    for_tiles(m, h.n_pad / kNB, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });
+    for_tiles(m, h.n_pad / kNB, h.k_pad, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });
   }
   return out.view(out_shape(x_in, h.n));
 }
@@ -225,7 +236,7 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& pac
     p.out_dtype = dt;
     p.ldo = h.n;
     const auto gemm = bf16_path ? kern.gemm_wo_bf16 : kern.gemm_wo;
-    for_tiles(m, h.n_pad / kNB, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { gemm(p, m0, m1, b0, b1); });
+    for_tiles(m, h.n_pad / kNB, h.k_pad, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { gemm(p, m0, m1, b0, b1); });
   }
   return out.view(out_shape(x_in, h.n));
 }
@@ -252,7 +263,7 @@ at::Tensor int8_gemm_s32(const at::Tensor& x_in, const at::Tensor& w) {
   p.k_pad = kp;
   p.out_s32 = out.data_ptr<int32_t>();
   p.ldo = n;
-  for_tiles(m, np / kNB, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });
+  for_tiles(m, np / kNB, kp, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });
   return out.view(out_shape(x_in, n));
 }
 

@@ -74,7 +74,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
       const float* xp = p.x;
       constexpr int64_t kcb = 256;
       const int64_t nkb = (ldx + kcb - 1) / kcb;
-      run_dynamic(nmb * nkb, [&](int64_t t) {
+      run_dynamic(nmb * nkb, double(M) * double(ldx), [&](int64_t t) {
         const int64_t mb = t / nkb, k0 = (t % nkb) * kcb, k1 = std::min(ldx, k0 + kcb);
         kern.transpose_to_xt(xp + mb * kXtRows * ldx, ldx, std::min(kXtRows, M - mb * kXtRows), k0, k1,
                                           xtp + mb * ldx * kXtRows);
@@ -89,7 +89,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
                               : task_columns(M, K, N, (K / 2) * vals.element_size() + (K + 7) / 8, at::get_num_threads());
     const int64_t mrows = p.xt ? kXtRows : M;
     const int64_t nmb = (M + mrows - 1) / mrows;
-    run_dynamic(nmb * ((N + cols - 1) / cols), [&](int64_t t) {
+    run_dynamic(nmb * ((N + cols - 1) / cols), 4.0 * double(M) * double(N) * double(K), [&](int64_t t) {
       const int64_t mb = t % nmb;
       const int64_t n0 = (t / nmb) * cols, n1 = std::min(N, n0 + cols);
       const int64_t m0 = mb * mrows, m1 = std::min(M, m0 + mrows);
@@ -178,7 +178,7 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
     qp.xor_mask = shifted ? 0x80 : 0;
     const auto quantize_rows = int8::int8_kernels().quantize_rows;
     const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-    run_dynamic((M + rows_per_task - 1) / rows_per_task, [&](int64_t t) {
+    run_dynamic((M + rows_per_task - 1) / rows_per_task, double(M) * double(K), [&](int64_t t) {
       const int64_t r0 = t * rows_per_task;
       quantize_rows(qp, r0, std::min(M, r0 + rows_per_task));
     });
@@ -204,14 +204,14 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
       const int64_t row_tasks = std::min((4 * nthreads + panels - 1) / panels, (M + int8::kTileRows - 1) / int8::kTileRows);
       const int64_t chunk = round_up((M + row_tasks - 1) / row_tasks, int8::kTileRows);
       const int64_t chunks = (M + chunk - 1) / chunk;
-      run_dynamic(panels * chunks, [&](int64_t t) {
+      run_dynamic(panels * chunks, 2.0 * double(M) * double(N) * double(K), [&](int64_t t) {
         const int64_t n0 = (t / chunks) * int8::kPanelCols, m0 = (t % chunks) * chunk;
         int8_dense_route_task(p, shifted, m0, std::min(M, m0 + chunk), n0, std::min(int8::kPanelCols, N - n0));
       });
     } else {
       const auto int8_linear = sparse24_kernels().int8_linear;
       const int64_t cols = task_columns(M, K, N, K / 2 + (K + 7) / 8, nthreads);
-      run_dynamic((N + cols - 1) / cols, [&](int64_t t) {
+      run_dynamic((N + cols - 1) / cols, 2.0 * double(M) * double(N) * double(K), [&](int64_t t) {
         const int64_t n0 = t * cols, n1 = std::min(N, n0 + cols);
         int8_linear(p, n0, n1);
       });

@@ -5,11 +5,24 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace fastdistill::cpu {
 
-void run_dynamic(int64_t ntasks, const std::function<void(int64_t)>& body) {
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntasks);
+namespace {
+// One more thread per this much work. Measured on Intel Xeon (Emerald Rapids, 2 cores), int8_linear on 1 vs 2
+// threads alternated in one process: even at 2.1M multiply-adds (14 x 384 -> 384), 2 threads 0.79x the time at 4.7M.
+constexpr double kWorkPerExtraThread = 2e6;
+}  // namespace
+
+int64_t threads_for_work(double work) {
+  if (at::in_parallel_region()) return 1;
+  const double worth = std::floor(work / kWorkPerExtraThread);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(std::min(worth, 1e6))));
+}
+
+void run_dynamic(int64_t ntasks, double work, const std::function<void(int64_t)>& body) {
+  const int64_t nthreads = std::min<int64_t>(threads_for_work(work), ntasks);
   if (nthreads <= 1 || at::in_parallel_region()) {
     for (int64_t t = 0; t < ntasks; ++t) body(t);
     return;
