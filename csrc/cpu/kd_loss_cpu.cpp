@@ -261,13 +261,8 @@ at::Tensor kd_loss_partial(const at::Tensor& student, const at::Tensor& teacher,
 // logsumexps of the whole vocabulary in `stats` (kd_loss_forward's layout).
 at::Tensor kd_loss_jsd_sums(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
                             double temperature, double beta) {
-  KdLossArgs args = kd_loss_args(student, teacher, std::nullopt, temperature, "jsd", beta, -100, 1.0, 0.0);
+  KdLossArgs args = kd_jsd_sums_args(student, teacher, stats, temperature, beta);
   const KdLossParams& p = args.params;
-  TORCH_CHECK(p.divergence == Divergence::jsd, "fastdistill.kd_loss_jsd_sums: beta must be in (0, 1), got ", beta);
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.rows, kNumStats}) &&
-                  stats.device() == student.device(),
-              "fastdistill.kd_loss_jsd_sums: stats must be float32 [", p.rows, ", ", int(kNumStats),
-              "] on the logits' device, got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
   const at::Tensor st = stats.contiguous();
   const float* s = st.data_ptr<float>();
   at::Tensor out = at::empty({p.rows, 2}, student.options().dtype(at::kFloat));

@@ -258,6 +258,10 @@ void forward(const KdLossParams& p, float* row_loss, float* stats, float* worksp
 // d loss / d student into `grad` (contiguous [rows, vocab], the student's dtype).
 void backward(const KdLossParams& p, const float* grad_rows, const float* stats, void* grad, KdLaunchConfig c,
               GpuStream s);
+// Vocab-parallel shards: the unfinished state ([rows, kNumPartial]), and JSD's two sums ([rows, 2]) from the merged
+// statistics; `workspace` holds kd_forward_workspace_floats floats.
+void partial(const KdLossParams& p, float* out, float* workspace, KdLaunchConfig c, GpuStream s);
+void jsd_sums(const KdLossParams& p, const float* stats, float* out, float* workspace, KdLaunchConfig c, GpuStream s);
 }  // namespace gpu
 
 }  // namespace kd
