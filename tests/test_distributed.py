@@ -298,19 +298,20 @@ def module_case():
 
 
 def bytes_case(world):
-    """What goes over the wire: the shard check's 7 int64, then per row 2 maxima, 1 centre and 3 sums (forward KL
-    without labels); a hard term at T != 1 adds the T = 1 sum and the label's logit."""
+    """What goes over the wire: the shard check's 7 int64, then per row 2 int64 maxima keys (one carrying the centre)
+    and 3 fp32 sums (forward KL without labels); JSD sums 2 and then its 2 second-pass sums, and a hard term at T != 1
+    adds the T = 1 sum and the label's logit."""
     group = dist.group.WORLD
     rows = 10
     s, t = logits((rows, VOCAB), seed=1), logits((rows, VOCAB), seed=2)
     sh = lambda x: vp.vocab_shard(x, group)  # noqa: E731
     before = vp.communicated_bytes()
     fastdistill.kd_loss(sh(s), sh(t), process_group=group)
-    assert vp.communicated_bytes() - before == 7 * 8 + rows * 6 * 4, vp.communicated_bytes() - before
+    assert vp.communicated_bytes() - before == 7 * 8 + rows * (16 + 12), vp.communicated_bytes() - before
     kw, lab = labels_for("hard_T2", (rows,), VOCAB)
     before = vp.communicated_bytes()
     fastdistill.kd_loss(sh(s), sh(t), labels=lab, divergence="jsd", process_group=group, **kw)
-    assert vp.communicated_bytes() - before == 7 * 8 + rows * 8 * 4, vp.communicated_bytes() - before
+    assert vp.communicated_bytes() - before == 7 * 8 + rows * (16 + 16 + 8), vp.communicated_bytes() - before
 
 
 # ---------------------------------------------------------------------------------------- the spawned group
