@@ -353,12 +353,8 @@ def _results(world):
     return _RESULTS[world]
 
 
-def _case_names():
-    return list(all_cases(0, 2))
-
-
-@pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("case", _case_names())
+@pytest.mark.parametrize("world,case", [(w, c) for w in WORLDS for c in all_cases(0, w)],
+                         ids=lambda x: str(x))
 def test_vocab_parallel(world, case):
     per_rank = _results(world)
     failures = [f"rank {r}:\n{res[case]}" for r, res in enumerate(per_rank) if res[case] is not None]
