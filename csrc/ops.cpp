@@ -22,6 +22,14 @@ TORCH_LIBRARY(fastdistill, m) {
         "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, "
         "float grad_scale) -> (Tensor, Tensor, Tensor)");
 
+  // Vocab-parallel shards (fastdistill/distributed.py): the unfinished per-row softmax state of this shard's columns
+  // (fp32 [rows, 8]: kd_loss.h's KdPartialField), which the ranks merge with all-reduces (labels are global indices
+  // and only say whether there is a hard term); and JSD's two per-row sums over the shard ([rows, 2]) from the
+  // merged statistics (kd_loss_forward's [rows, 8] layout).
+  m.def("kd_loss_partial(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight) -> Tensor");
+  m.def("kd_loss_jsd_sums(Tensor student, Tensor teacher, Tensor stats, float temperature, float beta) -> Tensor");
+
   // ---- int8 quantized inference ----
   // Symmetric int8, zero point 0: s = amax / 127, q = clamp(round_half_even(x / s), -127, 127);
   // a row of zeros has s = 0 and q = 0. Scales are fp32 whatever the input dtype.

@@ -65,6 +65,24 @@ def _logits(x: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor
     return out
 
 
+def chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
+    """(r0, r1, x, s, t) for each chunk of `chunk` rows of 2-D inputs, the heads w_mm and tw_mm already GEMM
+    operands (_gemm_operand): x the chunk's student hidden rows as a GEMM operand, s and t its fp32 student and
+    teacher logits (t a view of tl for precomputed teacher logits). s and t live in buffers that every chunk reuses
+    (no fresh pages per chunk): use them before the next one."""
+    rows, vocab = h.shape[0], w_mm.shape[0]
+    kw = dict(dtype=_F32, device=h.device)
+    n_max = min(chunk, rows)
+    s_buf = torch.empty((n_max, vocab), **kw)
+    t_buf = torch.empty((n_max, vocab), **kw) if th is not None else None
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        x = _gemm_operand(h[r0:r1])
+        s = _logits(x, w_mm, b, s_buf[: r1 - r0])
+        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else tl[r0:r1]
+        yield r0, r1, x, s, t
+
+
 def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=None, stats=None):
     """One pass over the row chunks of 2-D inputs. Without grad_rows: (row losses, stats) and, for each of `needs`
     (hidden, weight, bias), the fp32 gradient of the sum of the row losses. With grad_rows and the forward's stats
@@ -79,17 +97,10 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
     grad_b = accumulator((vocab,), **kw) if need_b else torch.empty(0, **kw)
     row_loss = None if backward else torch.empty((rows,), **kw)
     stats_out = None if backward else torch.empty((rows, 8), **kw)
+    fused = h.device.type == "cpu"  # kd_loss_fused (loss and gradient in one call) is a CPU kernel
     w_mm = _gemm_operand(w)
     tw_mm = _gemm_operand(tw) if tw is not None else None
-    n_max = min(chunk, rows)
-    s_buf = torch.empty((n_max, vocab), **kw)  # reused by every chunk: no fresh pages per chunk
-    t_buf = torch.empty((n_max, vocab), **kw) if th is not None else None
-    fused = h.device.type == "cpu"  # kd_loss_fused (loss and gradient in one call) is a CPU kernel
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        x = _gemm_operand(h[r0:r1])
-        s = _logits(x, w_mm, b, s_buf[: r1 - r0])
-        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else tl[r0:r1]
+    for r0, r1, x, s, t in chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
         lab = labels[r0:r1] if labels is not None else None
         if backward:
             g = torch.ops.fastdistill.kd_loss_backward(grad_rows[r0:r1], s, t, lab, stats[r0:r1], *kd_args)
@@ -250,7 +261,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                          chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
                          beta: float = 0.5, reduction: str = "batchmean", labels: Optional[Tensor] = None,
                          ignore_index: int = -100, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                         scale_by_t2: bool = True) -> Tensor:
+                         scale_by_t2: bool = True, process_group=None) -> Tensor:
     """kd_loss(F.linear(student_hidden, student_weight, student_bias), teacher, ...) without the logits.
 
     The teacher comes in one form: its hidden states [..., Ht] and head `teacher_weight` [V, Ht] (optional
@@ -258,6 +269,13 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     keyword means what it means for :func:`fastdistill.kd_loss`. The logits are computed `chunk_size` rows at a time
     (default: :func:`default_chunk_size`), in fp32 whatever the inputs' dtype. Gradients go to the student's hidden
     states, weight and bias (those that require grad, each in its own dtype); the teacher never gets one.
+
+    ``process_group``: a vocab-parallel (Megatron column-parallel) head. Each rank passes the full hidden states and
+    its rows of the heads (and biases, or its columns of teacher_logits), split along V in rank order by
+    torch.tensor_split's rule (fastdistill.distributed.vocab_shard). Every rank gets the loss of the whole
+    vocabulary and the gradient of its weight and bias shards. The hidden states' gradient on each rank is that
+    rank's partial contribution, from its shard of the vocabulary only: the tensor-parallel framework sums it over
+    the group (as Megatron's copy-to-tensor-parallel-region does in its backward).
     """
     if reduction not in _kd.REDUCTIONS:
         raise ValueError(f"{_OP}: reduction must be one of {_kd.REDUCTIONS}, got {reduction!r}")
@@ -265,6 +283,29 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         raise ValueError(f"{_OP}: student_hidden is a DTensor; pass its local tensor (only the heads may be DTensors)")
     student_weight, student_bias, teacher_weight, teacher_bias = (
         _gathered(x) for x in (student_weight, student_bias, teacher_weight, teacher_bias))
+    t = float(temperature)
+    soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
+    kd = (t, divergence, float(beta), int(ignore_index), soft_coef, float(hard_weight))
+    if process_group is not None:
+        return _vocab_parallel(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
+                               student_bias, teacher_bias, labels, chunk_size, kd, reduction, process_group)
+    rows, lead, chunk, th, tw, tb, tl, labels = _prepare(student_hidden, student_weight, teacher_hidden,
+                                                        teacher_weight, teacher_logits, student_bias, teacher_bias,
+                                                        labels, chunk_size, sharded=False)
+    _ext.require("kd_loss_forward", student_hidden.device)
+    # The gradients are computed in the forward when one scalar grad_output will scale them all.
+    grad_on = torch.is_grad_enabled() and reduction != "none"
+    precompute = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
+    args = (student_hidden.reshape(rows, student_hidden.shape[-1]), student_weight, student_bias, th, tw, tb, tl,
+            labels, *kd, reduction, chunk, *precompute)
+    loss = _EagerTraining.apply(*args) if any(precompute) and _eager_training(student_hidden) else _forward_op(*args)[0]
+    return loss.view(lead) if reduction == "none" else loss
+
+
+def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias,
+             teacher_bias, labels, chunk_size, sharded):
+    """The checked inputs as 2-D rows: (rows, leading shape, chunk, teacher hidden, teacher weight, teacher bias,
+    teacher logits, labels). `sharded`: the vocabulary widths are vocabulary shards, which the ranks check together."""
     if student_hidden.dim() < 1 or student_weight.dim() != 2:
         raise ValueError(f"{_OP}: student_hidden must be [..., H] and student_weight [V, H], got "
                          f"{list(student_hidden.shape)} and {list(student_weight.shape)}")
@@ -285,44 +326,57 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         if teacher_weight.dim() != 2 or teacher_hidden.shape[-1:] != teacher_weight.shape[1:]:
             raise ValueError(f"{_OP}: the hidden size of teacher_hidden {list(teacher_hidden.shape)} does not match "
                              f"teacher_weight {list(teacher_weight.shape)} (expected [V, Ht])")
-        if teacher_weight.shape[0] != vocab:
+        if teacher_weight.shape[0] != vocab and not sharded:
             raise ValueError(f"{_OP}: the teacher's vocabulary ({teacher_weight.shape[0]}) differs from the student's "
                              f"({vocab})")
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"{_OP}: teacher_hidden must have the student's leading shape {list(lead)}, got "
                              f"{list(teacher_hidden.shape[:-1])}")
-        _check_bias(teacher_bias, vocab, "teacher")
+        _check_bias(teacher_bias, teacher_weight.shape[0], "teacher")
         teacher_hidden = teacher_hidden.detach().reshape(rows, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight.detach()
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     else:
         if teacher_bias is not None:
             raise ValueError(f"{_OP}: teacher_bias goes with teacher_weight, not with teacher_logits")
-        if teacher_logits.shape[-1] != vocab:
+        if teacher_logits.shape[-1] != vocab and not sharded:
             raise ValueError(f"{_OP}: the teacher's vocabulary ({teacher_logits.shape[-1]}) differs from the "
                              f"student's ({vocab})")
         if teacher_logits.shape[:-1] != lead:
             raise ValueError(f"{_OP}: teacher_logits must have the student's leading shape {list(lead)}, got "
                              f"{list(teacher_logits.shape[:-1])}")
-        teacher_logits = teacher_logits.detach().reshape(rows, vocab)
+        teacher_logits = teacher_logits.detach().reshape(rows, teacher_logits.shape[-1])
     if labels is not None:
         if labels.shape != lead:
             raise ValueError(f"{_OP}: labels must have the hidden states' leading shape {list(lead)}, got "
                              f"{list(labels.shape)}")
+        if labels.dtype != torch.long:
+            raise ValueError(f"{_OP}: labels must be int64 (torch.long), got {labels.dtype}")
         labels = labels.reshape(rows)
-    _ext.require("kd_loss_forward", student_hidden.device)
     chunk = default_chunk_size(vocab, hidden) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
-    t = float(temperature)
-    soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
-    # The gradients are computed in the forward when one scalar grad_output will scale them all.
-    grad_on = torch.is_grad_enabled() and reduction != "none"
-    precompute = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
-    args = (student_hidden.reshape(rows, hidden), student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
-            float(hard_weight), reduction, chunk, *precompute)
-    loss = _EagerTraining.apply(*args) if any(precompute) and _eager_training(student_hidden) else _forward_op(*args)[0]
+    return rows, lead, chunk, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels
+
+
+def _vocab_parallel(h, w, th, tw, tl, b, tb, labels, chunk_size, kd, reduction, group):
+    """fused_linear_kd_loss with process_group: the ranks check their inputs together, then merge their shards'
+    statistics (fastdistill.distributed)."""
+    from fastdistill import distributed
+    error, prepared = None, None
+    try:
+        prepared = _prepare(h, w, th, tw, tl, b, tb, labels, chunk_size, sharded=True)
+        if kd[5] != 0.0 and labels is None:
+            raise ValueError(f"{_OP}: hard_weight={kd[5]} needs labels (got labels=None)")
+    except ValueError as exc:
+        error = str(exc)
+    rows, lead, chunk, th, tw, tb, tl, labels = prepared or (0, None, 0, None, None, None, None, None)
+    t_width = (tw.shape[0] if tw is not None else tl.shape[-1]) if prepared else 0
+    start, end, vocab = distributed.agree_on_shards(_OP, group, h.device, error, rows,
+                                                    w.shape[0] if w.dim() == 2 else 0, t_width, labels, kd[3])
+    _ext.require("kd_loss_partial", h.device)
+    loss = distributed._VocabParallelFusedLinear.apply(h.reshape(rows, h.shape[-1]), w, b, th, tw, tb, tl, labels,
+                                                       *kd, reduction, chunk, group, start, end, vocab)
     return loss.view(lead) if reduction == "none" else loss
 
 
@@ -354,11 +408,11 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, scale_by_t2: bool = True):
+                 hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None):
         super().__init__()
         self.kwargs = dict(chunk_size=chunk_size, temperature=temperature, divergence=divergence, beta=beta,
                            reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
-                           hard_weight=hard_weight, scale_by_t2=scale_by_t2)
+                           hard_weight=hard_weight, scale_by_t2=scale_by_t2, process_group=process_group)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                 teacher_logits=None, labels=None, student_bias=None, teacher_bias=None):

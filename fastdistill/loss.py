@@ -12,7 +12,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
             divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "batchmean",
             labels: torch.Tensor = None, ignore_index: int = -100, soft_weight: float = 1.0,
-            hard_weight: float = 0.0, scale_by_t2: bool = True) -> torch.Tensor:
+            hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None) -> torch.Tensor:
     """Distillation loss between logits of shape (..., V); the leading dims are rows.
 
     With p = softmax(teacher / T) and q = softmax(student / T):
@@ -29,11 +29,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     ``sum``, ``mean`` (sum / (rows * V), as F.kl_div), ``none`` (shape of the leading dims).
     The loss is returned in float32 whatever the logits' dtype (as autocast does for losses);
     only the student receives a gradient, in its own dtype.
+
+    ``process_group``: vocab-parallel logits (fastdistill.distributed). Each rank passes its shard (..., V_r) of
+    student and teacher logits, split along the vocabulary over the group's ranks in rank order by
+    torch.tensor_split's rule, the same rows and the same global ``labels``; every rank gets the loss of the whole
+    vocabulary, and its shard's gradient.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"fastdistill.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     t = float(temperature)
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
+    if process_group is not None:
+        from fastdistill import distributed
+        return distributed.kd_loss_vocab_parallel(
+            student_logits, teacher_logits, labels, temperature=t, divergence=divergence, beta=float(beta),
+            ignore_index=int(ignore_index), soft_coef=soft_coef, hard_weight=float(hard_weight), reduction=reduction,
+            group=process_group)
     args = (student_logits, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
             float(hard_weight))
     if _fused_applies(student_logits):
@@ -59,6 +70,15 @@ def _divisor(logits_shape, labels, ignore_index, reduction):
     if labels is None:
         return max(math.prod(logits_shape[:-1]), 1)
     return (labels != ignore_index).sum().clamp_min(1)
+
+
+def _grad_rows(grad_loss, rows, reduction, divisor):
+    """d loss / d row_loss for every row, from the reduced loss's grad_output (`divisor`: _divisor's, or 1)."""
+    if reduction == "none":
+        return grad_loss.reshape(rows)
+    if reduction == "sum":
+        return grad_loss.expand(rows)
+    return (grad_loss / divisor).expand(rows)
 
 
 def _fused_applies(student: torch.Tensor) -> bool:
@@ -110,13 +130,9 @@ class _FusedKDLoss(torch.autograd.Function):
         # A second backward (retain_graph=True), create_graph=True, or a low-precision gradient that an in-place
         # scale would round twice: recompute through the backward op, whose own autograd raises a clear error
         # for double backward.
-        rows = ops._rows(student)
-        if ctx.reduction == "none":
-            grad_rows = grad_loss.reshape(rows)
-        elif ctx.reduction == "sum":
-            grad_rows = grad_loss.expand(rows)
-        else:
-            grad_rows = (grad_loss / _divisor(student.shape, labels, ctx.ignore_index, ctx.reduction)).expand(rows)
+        divisor = 1 if ctx.reduction in ("sum", "none") else _divisor(student.shape, labels, ctx.ignore_index,
+                                                                      ctx.reduction)
+        grad_rows = _grad_rows(grad_loss, ops._rows(student), ctx.reduction, divisor)
         grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
                                                       *ctx.params)
         return (grad,) + none
@@ -127,11 +143,11 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
                  reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, scale_by_t2: bool = True):
+                 hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None):
         super().__init__()
         self.kwargs = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                            ignore_index=ignore_index, soft_weight=soft_weight, hard_weight=hard_weight,
-                           scale_by_t2=scale_by_t2)
+                           scale_by_t2=scale_by_t2, process_group=process_group)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return kd_loss(student_logits, teacher_logits, labels=labels, **self.kwargs)

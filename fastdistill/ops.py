@@ -80,6 +80,33 @@ def kd_loss_fused(student, teacher, labels, temperature, divergence, beta, ignor
         float(soft_coef), float(hard_weight), float(grad_scale))
 
 
+def kd_loss_partial(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight):
+    """The unfinished per-row softmax state of a vocabulary shard, fp32 [rows, 8] (fastdistill.distributed merges it
+    across ranks); labels are global indices and only say whether there is a hard term. No autograd of its own."""
+    _ext.require("kd_loss_partial", student.device)
+    return torch.ops.fastdistill.kd_loss_partial(
+        student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index), float(soft_coef),
+        float(hard_weight))
+
+
+def kd_loss_jsd_sums(student, teacher, stats, temperature, beta):
+    """JSD's two per-row sums over a vocabulary shard, fp32 [rows, 2], from the merged statistics."""
+    _ext.require("kd_loss_jsd_sums", student.device)
+    return torch.ops.fastdistill.kd_loss_jsd_sums(student, teacher, stats, float(temperature), float(beta))
+
+
+if _lib_loaded:
+
+    @torch.library.register_fake("fastdistill::kd_loss_partial")
+    def _kd_loss_partial_fake(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                              hard_weight):
+        return student.new_empty((_rows(student), 8), dtype=torch.float32)
+
+    @torch.library.register_fake("fastdistill::kd_loss_jsd_sums")
+    def _kd_loss_jsd_sums_fake(student, teacher, stats, temperature, beta):
+        return student.new_empty((_rows(student), 2), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------- 2:4 structured sparsity
 def sparse24_pack(values: torch.Tensor, meta: torch.Tensor):
     """Canonical (values [N, K/2], meta uint8 [N, ceil(K/8)]) -> the layout this device's kernels read."""

@@ -106,7 +106,7 @@ def test_bench_quick_json_has_every_declared_case(tmp_path):
 def test_bench_rejects_unknown_family():
     out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True,
                          text=True)
-    assert out.returncode != 0 and "--only takes kd,fused_linear,int8,sparse, got fft" in out.stderr
+    assert out.returncode != 0 and "--only takes kd,fused_linear,int8,sparse,vocab_parallel, got fft" in out.stderr
 
 
 def test_readme_generator_writes_summary_and_results(tmp_path):

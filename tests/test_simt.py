@@ -416,3 +416,58 @@ def test_sparse24_errors():
         ops.sparse24_linear(torch.randn(2, 16), values, meta.to(torch.int8), None)
     with pytest.raises(RuntimeError, match=r"^fastdistill\.sparse24_int8_linear: (.*)?" "values must be int8"):
         ops.sparse24_int8_linear(torch.randn(2, 16), values, meta, torch.ones(4), None)
+
+
+# ---------------------------------------------------------------- vocab-parallel shard kernels (fastdistill.distributed)
+def logits(rows, V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, V, generator=g) * 4
+
+
+def _close_partial(got, want, kl):
+    """kd_loss_partial's [rows, 8] states: maxima and the centre's logit exact, sums to fp32 summation order. JSD keeps
+    no weighted sum (its second pass does that work), so w and q_at are compared for the KL divergences only."""
+    for col in (0, 2, 6) if kl else (0, 2):  # m_t, m_s, q_at
+        assert torch.equal(got[:, col], want[:, col]), col
+    for col in (1, 3, 4):  # z_t, z_s, z_h
+        torch.testing.assert_close(got[:, col], want[:, col], rtol=2e-5, atol=1e-30)
+    if not kl:
+        return
+    # w: a sum of e^u (log ratio), whose terms cancel; its scale is z_P times the log ratios' spread
+    scale = want[:, 1].abs() + want[:, 3].abs() + want[:, 5].abs()
+    assert ((got[:, 5] - want[:, 5]).abs() <= 1e-5 * scale).all()
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("rows,V,threads,splits", [(3, 1271, 64, 1), (2, 5000, 32, 3), (4, 37, 0, 0), (1, 70001, 0, 0)])
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16], ids=str)
+def test_kd_partial_state_matches_cpu(div, rows, V, threads, splits, sdt):
+    s, t = logits(rows, V, seed=1).to(sdt), logits(rows, V, seed=2)
+    s[:, ::5] = t[:, ::5] = float("-inf")  # masked columns (on both sides: every divergence stays finite)
+    labels = torch.randint(0, V, (rows,))
+    args = (labels, 2.0, div, 0.3, -100, 4.0, 0.5)  # a hard term at T = 2: the separate T = 1 sum too
+    got = ops.kd_loss_partial(s, t, *args, threads=threads, splits=splits)
+    _close_partial(got, torch.ops.fastdistill.kd_loss_partial(s, t, *args), kl=div != "jsd")
+
+
+@pytest.mark.parametrize("rows,V,threads,splits", [(3, 1271, 64, 1), (2, 5000, 32, 3), (4, 37, 0, 0)])
+@pytest.mark.parametrize("sdt", [torch.float32, torch.float16], ids=str)
+def test_kd_jsd_sums_match_cpu(rows, V, threads, splits, sdt):
+    s, t = logits(rows, V, seed=1).to(sdt), logits(rows, V, seed=2)
+    _, stats = torch.ops.fastdistill.kd_loss_forward(s, t, None, 2.0, "jsd", 0.3, -100, 4.0, 0.0)
+    got = ops.kd_loss_jsd_sums(s, t, stats, 2.0, 0.3, threads=threads, splits=splits)
+    want = torch.ops.fastdistill.kd_loss_jsd_sums(s, t, stats, 2.0, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the two sums over the whole row are the forward's JSD: beta KL(p||M) + (1 - beta) KL(q||M)
+    rows_loss, _ = torch.ops.fastdistill.kd_loss_forward(s, t, None, 2.0, "jsd", 0.3, -100, 1.0, 0.0)
+    torch.testing.assert_close(0.3 * got[:, 0] + 0.7 * got[:, 1], rows_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_kd_shard_ops_errors():
+    s, t = logits(5, 37), logits(5, 37, seed=1)
+    with pytest.raises(RuntimeError, match="fastdistill.kd_loss_jsd_sums: stats must be float32 \\[5, 8\\]"):
+        ops.kd_loss_jsd_sums(s, t, torch.zeros(5, 7), 2.0, 0.3)
+    with pytest.raises(RuntimeError, match="fastdistill.kd_loss_jsd_sums: beta must be in \\(0, 1\\)"):
+        ops.kd_loss_jsd_sums(s, t, torch.zeros(5, 8), 2.0, 0.0)
+    with pytest.raises(RuntimeError, match="fastdistill.kd_loss: student and teacher must have the same shape"):
+        ops.kd_loss_partial(s, t[:, :-1], None, 2.0, "forward_kl", 0.5, -100, 1.0, 0.0)

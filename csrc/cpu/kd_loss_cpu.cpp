@@ -104,13 +104,59 @@ void backward_all(const KdLossParams& p, const KdKernels& k, const float* stats,
   });
 }
 
+// Every row's state over all its columns: (row, column chunk) tasks, merged per row in chunk order (the chunks
+// are a rule of the shape alone, so the result does not depend on the thread count).
+std::vector<KdPartial> row_states(const KdLossParams& p, const KdKernels& k) {
+  const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
+  std::vector<KdPartial> parts(tasks);
+  parallel_tasks(tasks, nchunks == 1 ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = (i % nchunks) * chunk;
+      parts[i] = k.stats(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk));
+    }
+  });
+  if (nchunks == 1) return parts;
+  const bool teacher_primary = kd_teacher_primary(p.divergence);
+  std::vector<KdPartial> merged(p.rows);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    KdPartial st = parts[r * nchunks];
+    for (int64_t c = 1; c < nchunks; ++c) st = kd_merge(st, parts[r * nchunks + c], p.inv_temperature, teacher_primary);
+    merged[r] = st;
+  }
+  return merged;
+}
+
+// JSD's two sums (p (log p - log M), q (log q - log M)) of every row into sums [rows, 2], given each row's
+// logsumexps lse_of(row); chunked as row_states and summed in chunk order.
+template <class Lse>
+void row_jsd_sums(const KdLossParams& p, const KdKernels& k, const Lse& lse_of, float* sums) {
+  const int64_t chunk = column_chunk(p), nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
+  std::vector<float> parts(tasks * 2);
+  parallel_tasks(tasks, nchunks == 1 ? grain_rows(p, chunk) : 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = (i % nchunks) * chunk;
+      k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), lse_of(i / nchunks), &parts[2 * i], &parts[2 * i + 1],
+            nullptr);
+    }
+  });
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float sum_p = 0.f, sum_q = 0.f;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      sum_p += parts[2 * (r * nchunks + c)];
+      sum_q += parts[2 * (r * nchunks + c) + 1];
+    }
+    sums[2 * r] = sum_p;
+    sums[2 * r + 1] = sum_q;
+  }
+}
+
 // Loss rows and statistics; with `grad` also the gradient for d loss / d row_loss = *grad_weight (one
 // constant for every row). Whole rows are one task each, so the gradient pass re-reads a row while it is
 // still in cache: 2 reads + 1 write of logits-sized memory instead of the 4 reads + 1 write of separate
 // forward and backward calls.
 void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, const float* grad_weight) {
   const KdKernels& k = kd_kernels();
-  const bool jsd = p.divergence == Divergence::jsd, teacher_primary = kd_teacher_primary(p.divergence);
+  const bool jsd = p.divergence == Divergence::jsd;
   const int64_t chunk = column_chunk(p);
   if (chunk == p.vocab) {  // one task per row: both JSD passes (and the gradient) run while the row is in cache
     // KL gradients come from the statistics pass's cache (exponentials; for reverse KL also the log
@@ -139,36 +185,11 @@ void forward_rows(const KdLossParams& p, float* loss, float* stats, void* grad, 
     return;
   }
   // Few long rows: (row, chunk) tasks, merged per row in chunk order.
-  const int64_t nchunks = (p.vocab + chunk - 1) / chunk, tasks = p.rows * nchunks;
-  std::vector<KdPartial> parts(tasks);
-  parallel_tasks(tasks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c0 = (i % nchunks) * chunk;
-      parts[i] = k.stats(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk));
-    }
-  });
-  std::vector<KdPartial> merged(p.rows);
-  std::vector<float> sums(jsd ? tasks * 2 : 0);
+  const std::vector<KdPartial> merged = row_states(p, k);
+  std::vector<float> sums(jsd ? p.rows * 2 : 0);
+  if (jsd) row_jsd_sums(p, k, [&](int64_t r) { return kd_row_lse(merged[r], false); }, sums.data());
   for (int64_t r = 0; r < p.rows; ++r) {
-    KdPartial st = parts[r * nchunks];
-    for (int64_t c = 1; c < nchunks; ++c) st = kd_merge(st, parts[r * nchunks + c], p.inv_temperature, teacher_primary);
-    merged[r] = st;
-  }
-  if (jsd) {
-    parallel_tasks(tasks, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t c0 = (i % nchunks) * chunk;
-        k.jsd(p, i / nchunks, c0, std::min(p.vocab, c0 + chunk), kd_row_lse(merged[i / nchunks], false), &sums[2 * i],
-              &sums[2 * i + 1], nullptr);
-      }
-    });
-  }
-  for (int64_t r = 0; r < p.rows; ++r) {
-    float sum_p = 0.f, sum_q = 0.f;
-    for (int64_t c = 0; jsd && c < nchunks; ++c) {
-      sum_p += sums[2 * (r * nchunks + c)];
-      sum_q += sums[2 * (r * nchunks + c) + 1];
-    }
+    const float sum_p = jsd ? sums[2 * r] : 0.f, sum_q = jsd ? sums[2 * r + 1] : 0.f;
     finish_row(p, r, kd_row_lse(merged[r], p.separate_hard_lse()), sum_p, sum_q, merged[r], loss, stats);
   }
   if (grad) backward_all(p, k, stats, grad_weight, 0, grad);
@@ -220,12 +241,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fused(const at::Tensor& s
   return {rows_loss, stats, grad};
 }
 
+// ---- vocab-parallel shards (fastdistill/distributed.py) ----
+// The raw row state of this shard's columns (kd_loss.h, KdPartialField), unfinished: the ranks merge it. Labels are
+// global vocabulary indices here and are not read; with hard_weight they only ask for the T = 1 student sum.
+at::Tensor kd_loss_partial(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                           double temperature, c10::string_view divergence, double beta, int64_t ignore_index,
+                           double soft_coef, double hard_weight) {
+  KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
+                                 soft_coef, hard_weight);
+  const KdLossParams& p = args.params;
+  at::Tensor out = at::empty({p.rows, kNumPartial}, student.options().dtype(at::kFloat));
+  const std::vector<KdPartial> states = row_states(p, kd_kernels());
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < p.rows; ++r) kd_store_partial(states[r], o + r * kNumPartial);
+  return out;
+}
+
+// JSD's two sums over this shard's columns ([rows, 2]: KL(p || M) and KL(q || M) terms), from the merged
+// logsumexps of the whole vocabulary in `stats` (kd_loss_forward's layout).
+at::Tensor kd_loss_jsd_sums(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                            double temperature, double beta) {
+  KdLossArgs args = kd_jsd_sums_args(student, teacher, stats, temperature, beta);
+  const KdLossParams& p = args.params;
+  const at::Tensor st = stats.contiguous();
+  const float* s = st.data_ptr<float>();
+  at::Tensor out = at::empty({p.rows, 2}, student.options().dtype(at::kFloat));
+  row_jsd_sums(p, kd_kernels(), [&](int64_t r) { return kd_load_stats(s + r * kNumStats); }, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("kd_loss_forward", &kd_loss_forward);
   m.impl("kd_loss_backward", &kd_loss_backward);
   m.impl("kd_loss_fused", &kd_loss_fused);
+  m.impl("kd_loss_partial", &kd_loss_partial);
+  m.impl("kd_loss_jsd_sums", &kd_loss_jsd_sums);
 }
 
 }  // namespace fastdistill::cpu::kd

@@ -55,4 +55,30 @@ void gpu::backward(const KdLossParams& p, const float* grad_rows, const float* s
   });
 }
 
+// ---- vocab-parallel shards ----
+void gpu::partial(const KdLossParams& p, float* out, float* ws, KdLaunchConfig c, GpuStream s) {
+  if (p.rows == 0) return;
+  const auto stream = static_cast<simt::stream_t>(s);
+  dispatch(p.student_dtype, p.teacher_dtype, [&]<class Ts, class Tt>() {
+    KdPartial* states = reinterpret_cast<KdPartial*>(ws);
+    simt::launch(&kd_partial_kernel<Ts, Tt>, dim3(unsigned(p.rows * c.splits)), dim3(c.threads), 0, stream, p, out,
+                 states, c.splits);
+    if (c.splits > 1)
+      simt::launch(&kd_partial_merge_kernel<Ts>, dim3(unsigned((p.rows + 127) / 128)), dim3(128), 0, stream, p, out,
+                   static_cast<const KdPartial*>(states), c.splits);
+  });
+}
+
+void gpu::jsd_sums(const KdLossParams& p, const float* stats, float* out, float* ws, KdLaunchConfig c, GpuStream s) {
+  if (p.rows == 0) return;
+  const auto stream = static_cast<simt::stream_t>(s);
+  dispatch(p.student_dtype, p.teacher_dtype, [&]<class Ts, class Tt>() {
+    simt::launch(&kd_jsd_sums_kernel<Ts, Tt>, dim3(unsigned(p.rows * c.splits)), dim3(c.threads), 0, stream, p,
+                 stats, out, ws, c.splits);
+    if (c.splits > 1)
+      simt::launch(&kd_jsd_sums_merge_kernel<Ts>, dim3(unsigned((p.rows + 127) / 128)), dim3(128), 0, stream, p,
+                   out, static_cast<const float*>(ws), c.splits);
+  });
+}
+
 }  // namespace fastdistill::kd

@@ -138,6 +138,20 @@ inline void kd_check_backward(const at::Tensor& grad_rows, const at::Tensor& sta
               grad_rows.device(), " and ", stats.device());
 }
 
+// ---- vocab-parallel shards (fastdistill/distributed.py) ----
+// kd_loss_jsd_sums's inputs: the shard's logits and the merged statistics of the whole vocabulary.
+inline KdLossArgs kd_jsd_sums_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                                   double temperature, double beta) {
+  KdLossArgs a = kd_loss_args(student, teacher, std::nullopt, temperature, "jsd", beta, -100, 1.0, 0.0);
+  const KdLossParams& p = a.params;
+  TORCH_CHECK(p.divergence == Divergence::jsd, "fastdistill.kd_loss_jsd_sums: beta must be in (0, 1), got ", beta);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef({p.rows, kNumStats}) &&
+                  stats.device() == student.device(),
+              "fastdistill.kd_loss_jsd_sums: stats must be float32 [", p.rows, ", ", int(kNumStats),
+              "] on the logits' device, got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
+  return a;
+}
+
 // ---- GPU (CUDA and the emulator) ----
 inline kd::KdLaunchConfig kd_gpu_config(const GpuBackend& b, const KdLossParams& p) {
   return kd::kd_launch_config(p.rows, p.vocab, kd::kd_vec_for(p.student_dtype, p.teacher_dtype), b.kd_threads,
@@ -177,6 +191,39 @@ inline at::Tensor kd_loss_backward_gpu(const GpuBackend& b, const at::Tensor& gr
   kd::gpu::backward(p, g.data_ptr<float>(), st.data_ptr<float>(), grad.data_ptr(), kd_gpu_config(b, p), b.stream);
   b.launched();
   return grad;
+}
+
+// ---- vocab-parallel shards on the GPU ----
+inline at::Tensor kd_loss_partial_gpu(const GpuBackend& b, const at::Tensor& student, const at::Tensor& teacher,
+                                      const std::optional<at::Tensor>& labels, double temperature,
+                                      const std::string& divergence, double beta, int64_t ignore_index,
+                                      double soft_coef, double hard_weight) {
+  const KdLossArgs a = kd_loss_args(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                                    hard_weight);
+  const KdLossParams& p = a.params;
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.rows, kNumPartial}, f32);
+  if (p.rows == 0) return out;
+  const kd::KdLaunchConfig c = kd_gpu_config(b, p);
+  at::Tensor ws = at::empty({kd::kd_forward_workspace_floats(p.rows, c.splits)}, f32);
+  kd::gpu::partial(p, out.data_ptr<float>(), ws.data_ptr<float>(), c, b.stream);
+  b.launched();
+  return out;
+}
+
+inline at::Tensor kd_loss_jsd_sums_gpu(const GpuBackend& b, const at::Tensor& student, const at::Tensor& teacher,
+                                       const at::Tensor& stats, double temperature, double beta) {
+  const KdLossArgs a = kd_jsd_sums_args(student, teacher, stats, temperature, beta);
+  const KdLossParams& p = a.params;
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.rows, 2}, f32);
+  if (p.rows == 0) return out;
+  const kd::KdLaunchConfig c = kd_gpu_config(b, p);
+  at::Tensor ws = at::empty({kd::kd_forward_workspace_floats(p.rows, c.splits)}, f32);
+  const at::Tensor st = stats.contiguous();
+  kd::gpu::jsd_sums(p, st.data_ptr<float>(), out.data_ptr<float>(), ws.data_ptr<float>(), c, b.stream);
+  b.launched();
+  return out;
 }
 
 }  // namespace fastdistill

@@ -36,6 +36,18 @@ at::Tensor kd_loss_backward(const at::Tensor& grad_rows, const at::Tensor& stude
                               std::string(divergence), beta, ignore_index, soft_coef, hard_weight);
 }
 
+at::Tensor kd_loss_partial(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                           double temperature, c10::string_view divergence, double beta, int64_t ignore_index,
+                           double soft_coef, double hard_weight, int64_t threads, int64_t splits) {
+  return kd_loss_partial_gpu(emulator(threads, splits), student, teacher, labels, temperature, std::string(divergence),
+                             beta, ignore_index, soft_coef, hard_weight);
+}
+
+at::Tensor kd_loss_jsd_sums(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& stats,
+                            double temperature, double beta, int64_t threads, int64_t splits) {
+  return kd_loss_jsd_sums_gpu(emulator(threads, splits), student, teacher, stats, temperature, beta);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastdistill_simt, m) {
@@ -45,11 +57,17 @@ TORCH_LIBRARY_FRAGMENT(fastdistill_simt, m) {
   m.def("kd_loss_backward(Tensor grad_rows, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, "
         "float temperature, str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, "
         "int threads=0, int splits=0) -> Tensor");
+  m.def("kd_loss_partial(Tensor student, Tensor teacher, Tensor? labels, float temperature, str divergence, "
+        "float beta, int ignore_index, float soft_coef, float hard_weight, int threads=0, int splits=0) -> Tensor");
+  m.def("kd_loss_jsd_sums(Tensor student, Tensor teacher, Tensor stats, float temperature, float beta, "
+        "int threads=0, int splits=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdistill_simt, CPU, m) {
   m.impl("kd_loss_forward", &kd_loss_forward);
   m.impl("kd_loss_backward", &kd_loss_backward);
+  m.impl("kd_loss_partial", &kd_loss_partial);
+  m.impl("kd_loss_jsd_sums", &kd_loss_jsd_sums);
 }
 
 }  // namespace fastdistill

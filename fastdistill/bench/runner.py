@@ -10,7 +10,7 @@ import torch
 
 from fastdistill.bench.common import machine_limits, summarize, time_fn
 
-FAMILIES = ("kd", "fused_linear", "int8", "sparse")
+FAMILIES = ("kd", "fused_linear", "int8", "sparse", "vocab_parallel")
 SPREAD_WARN = 0.25  # (max - min) / median above this is flagged as noisy
 
 
@@ -110,6 +110,12 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
         for m in memory:
             print(f"  {m['shape']} {m['dtype']}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in m.items() if k not in ("shape", "dtype")))
+    multiprocess = []  # families measured in processes of their own (vocab_parallel: a gloo group)
+    for family in only:
+        mod = family_module(family, device)
+        if device == "cpu" and hasattr(mod, "process_report"):
+            multiprocess.append(mod.process_report(quick))
+            print(mod.format_report(multiprocess[-1]), flush=True)
     table = format_table(results, limits)
     noisy = [r for r in results if r["fastdistill"]["spread"] > SPREAD_WARN or
              any(b.get("spread", 0) > SPREAD_WARN for b in r["baselines"].values())]
@@ -120,7 +126,7 @@ def run(only=FAMILIES, quick=False, device="cpu", json_path=None, plot_path=None
     out = {"machine": {"processor": cpu_name(), "machine": platform.machine(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "limits": limits},
            "quick": quick, "device": device, "seconds": time.perf_counter() - start, "results": results,
-           "memory": memory}
+           "memory": memory, "multiprocess": multiprocess}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=2)

@@ -162,6 +162,23 @@ FD_DEVICE KdPartial block_merge(KdPartial x, float inv_t, bool teacher_primary) 
   return x;
 }
 
+// Block-merged state of split k of `row` (valid in warp 0).
+template <class Ts, class Tt>
+FD_DEVICE KdPartial kd_split_state(const KdLossParams& p, int64_t row, int k, int splits) {
+  constexpr int VEC = kd_vec<Ts, Tt>();
+  KdAccum<Ts, Tt> acc;
+  acc.s = static_cast<const Ts*>(p.student) + p.student_rows.offset(row);
+  acc.t = static_cast<const Tt*>(p.teacher) + p.teacher_rows.offset(row);
+  acc.inv_t = p.inv_temperature;
+  acc.teacher_primary = kd_teacher_primary(p.divergence);
+  acc.hard = p.separate_hard_lse();
+  const RowSplit rs = row_split<VEC>(p.vocab, acc.s, sizeof(Ts), acc.t, sizeof(Tt));
+  int64_t e0, e1;
+  split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
+  for_range<VEC>(e0, e1, rs, acc);
+  return block_merge(acc.st, acc.inv_t, acc.teacher_primary);
+}
+
 // The row loss from the divergence and the statistics (the CPU's finish_row).
 template <class Ts>
 FD_DEVICE float kd_row_loss(const KdLossParams& p, int64_t row, float D, const KdRowGrad& lse) {
@@ -198,20 +215,9 @@ FD_DEVICE void kd_finish(const KdLossParams& p, int64_t row, const KdPartial& x,
 template <class Ts, class Tt>
 FD_KERNEL void __launch_bounds__(1024) kd_forward_kernel(KdLossParams p, float* row_loss, float* stats,
                                                          KdPartial* ws, int splits) {
-  constexpr int VEC = kd_vec<Ts, Tt>();
   const int64_t row = int64_t(blockIdx.x) / splits;
   const int k = int(int64_t(blockIdx.x) % splits);
-  KdAccum<Ts, Tt> acc;
-  acc.s = static_cast<const Ts*>(p.student) + p.student_rows.offset(row);
-  acc.t = static_cast<const Tt*>(p.teacher) + p.teacher_rows.offset(row);
-  acc.inv_t = p.inv_temperature;
-  acc.teacher_primary = kd_teacher_primary(p.divergence);
-  acc.hard = p.separate_hard_lse();
-  const RowSplit rs = row_split<VEC>(p.vocab, acc.s, sizeof(Ts), acc.t, sizeof(Tt));
-  int64_t e0, e1;
-  split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
-  for_range<VEC>(e0, e1, rs, acc);
-  const KdPartial x = block_merge(acc.st, acc.inv_t, acc.teacher_primary);
+  const KdPartial x = kd_split_state<Ts, Tt>(p, row, k, splits);
   if (threadIdx.x == 0) {
     if (splits == 1) kd_finish<Ts>(p, row, x, row_loss, stats);
     else ws[row * splits + k] = x;
@@ -288,13 +294,28 @@ FD_DEVICE void jsd_finish(const KdLossParams& p, int64_t row, float kp, float kq
   if (!p.has_hard()) st[kStatLogSumHard] = 0.f;
 }
 
-// grid.x = rows * splits; ws: [rows, splits, 2] partial (kp, kq) sums (unused when splits == 1).
+// Block-wide sums of two values, valid in thread 0. blockDim.x must be a multiple of 32.
+FD_DEVICE void block_sum2(float& a, float& b) {
+  FD_SHARED(float, red, 64);
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5, nwarps = int(blockDim.x) >> 5;
+  a = simt::warp_sum(a);
+  b = simt::warp_sum(b);
+  if (lane == 0) {
+    red[warp] = a;
+    red[32 + warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = simt::warp_sum(lane < nwarps ? red[lane] : 0.f);
+    b = simt::warp_sum(lane < nwarps ? red[32 + lane] : 0.f);
+  }
+}
+
+// JSD's two sums over split k of `row`, given the row's statistics (valid in thread 0).
 template <class Ts, class Tt>
-FD_KERNEL void __launch_bounds__(1024) kd_jsd_kernel(KdLossParams p, float* row_loss, float* stats, float* ws,
-                                                     int splits) {
+FD_DEVICE void kd_jsd_split_sums(const KdLossParams& p, const float* stats, int64_t row, int k, int splits, float& kp,
+                                 float& kq) {
   constexpr int VEC = kd_vec<Ts, Tt>();
-  const int64_t row = int64_t(blockIdx.x) / splits;
-  const int k = int(int64_t(blockIdx.x) % splits);
   JsdAccum<Ts, Tt> acc;
   acc.s = static_cast<const Ts*>(p.student) + p.student_rows.offset(row);
   acc.t = static_cast<const Tt*>(p.teacher) + p.teacher_rows.offset(row);
@@ -304,24 +325,25 @@ FD_KERNEL void __launch_bounds__(1024) kd_jsd_kernel(KdLossParams p, float* row_
   int64_t e0, e1;
   split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
   for_range<VEC>(e0, e1, rs, acc);
-  FD_SHARED(float, red, 64);
-  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5, nwarps = int(blockDim.x) >> 5;
-  float kp = simt::warp_sum(acc.kp), kq = simt::warp_sum(acc.kq);
-  if (lane == 0) {
-    red[warp] = kp;
-    red[32 + warp] = kq;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    kp = simt::warp_sum(lane < nwarps ? red[lane] : 0.f);
-    kq = simt::warp_sum(lane < nwarps ? red[32 + lane] : 0.f);
-    if (lane == 0) {
-      if (splits == 1) {
-        jsd_finish<Ts>(p, row, kp, kq, row_loss, stats);
-      } else {
-        ws[(row * splits + k) * 2] = kp;
-        ws[(row * splits + k) * 2 + 1] = kq;
-      }
+  kp = acc.kp;
+  kq = acc.kq;
+  block_sum2(kp, kq);
+}
+
+// grid.x = rows * splits; ws: [rows, splits, 2] partial (kp, kq) sums (unused when splits == 1).
+template <class Ts, class Tt>
+FD_KERNEL void __launch_bounds__(1024) kd_jsd_kernel(KdLossParams p, float* row_loss, float* stats, float* ws,
+                                                     int splits) {
+  const int64_t row = int64_t(blockIdx.x) / splits;
+  const int k = int(int64_t(blockIdx.x) % splits);
+  float kp, kq;
+  kd_jsd_split_sums<Ts, Tt>(p, stats, row, k, splits, kp, kq);
+  if (threadIdx.x == 0) {
+    if (splits == 1) {
+      jsd_finish<Ts>(p, row, kp, kq, row_loss, stats);
+    } else {
+      ws[(row * splits + k) * 2] = kp;
+      ws[(row * splits + k) * 2 + 1] = kq;
     }
   }
 }
@@ -409,6 +431,61 @@ FD_KERNEL void __launch_bounds__(1024) kd_backward_kernel(KdLossParams p, const 
   int64_t e0, e1;
   split_range<VEC>(p.vocab, rs, k, splits, e0, e1);
   for_range<VEC>(e0, e1, rs, f);
+}
+
+// ------------------------------------------------------------ vocab-parallel shards (fastdistill/distributed.py)
+// The forward's row passes over this shard's columns, leaving what the ranks merge: the unfinished state
+// (kd_loss_partial, kd_store_partial's layout) or, given the merged statistics, JSD's two sums (kd_loss_jsd_sums).
+
+// grid.x = rows * splits; out: [rows, kNumPartial]; ws: [rows, splits] KdPartial (unused when splits == 1).
+template <class Ts, class Tt>
+FD_KERNEL void __launch_bounds__(1024) kd_partial_kernel(KdLossParams p, float* out, KdPartial* ws, int splits) {
+  const int64_t row = int64_t(blockIdx.x) / splits;
+  const int k = int(int64_t(blockIdx.x) % splits);
+  const KdPartial x = kd_split_state<Ts, Tt>(p, row, k, splits);
+  if (threadIdx.x == 0) {
+    if (splits == 1) kd_store_partial(x, out + row * kNumPartial);
+    else ws[row * splits + k] = x;
+  }
+}
+
+// One thread per row: merges the splits in order (as kd_forward_merge_kernel) into the row's unfinished state.
+template <class Ts>
+FD_KERNEL void kd_partial_merge_kernel(KdLossParams p, float* out, const KdPartial* ws, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= p.rows) return;
+  const bool tp = kd_teacher_primary(p.divergence);
+  KdPartial x = ws[row * splits];
+  for (int k = 1; k < splits; ++k) x = kd_merge(x, ws[row * splits + k], p.inv_temperature, tp);
+  kd_store_partial(x, out + row * kNumPartial);
+}
+
+// grid.x = rows * splits; stats: the merged [rows, kNumStats] statistics; out: [rows, 2]; ws: [rows, splits, 2].
+template <class Ts, class Tt>
+FD_KERNEL void __launch_bounds__(1024) kd_jsd_sums_kernel(KdLossParams p, const float* stats, float* out, float* ws,
+                                                          int splits) {
+  const int64_t row = int64_t(blockIdx.x) / splits;
+  const int k = int(int64_t(blockIdx.x) % splits);
+  float kp, kq;
+  kd_jsd_split_sums<Ts, Tt>(p, stats, row, k, splits, kp, kq);
+  if (threadIdx.x == 0) {
+    float* dst = splits == 1 ? out + row * 2 : ws + (row * splits + k) * 2;
+    dst[0] = kp;
+    dst[1] = kq;
+  }
+}
+
+template <class Ts>
+FD_KERNEL void kd_jsd_sums_merge_kernel(KdLossParams p, float* out, const float* ws, int splits) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= p.rows) return;
+  float kp = 0.f, kq = 0.f;
+  for (int k = 0; k < splits; ++k) {
+    kp += ws[(row * splits + k) * 2];
+    kq += ws[(row * splits + k) * 2 + 1];
+  }
+  out[row * 2] = kp;
+  out[row * 2 + 1] = kq;
 }
 
 }  // namespace fastdistill::kd

@@ -189,6 +189,28 @@ FD_HD KdRowGrad kd_load_stats(const float* stats_row) {
   return r;
 }
 
+// ---- vocab-parallel shards (fastdistill/distributed.py) ----
+// kd_loss_partial's output: a row's raw KdPartial over this shard's columns, [rows, kNumPartial] fp32, merged
+// across ranks by all-reduces (MAX of the maxima, then SUM of the rescaled sums). fastdistill/distributed.py
+// reads these positions by name.
+enum KdPartialField : int {
+  kPartMaxTeacher = 0, kPartSumTeacher = 1,                      // m_t, z_t
+  kPartMaxStudent = 2, kPartSumStudent = 3, kPartSumHard = 4,    // m_s, z_s, z_h
+  kPartWeighted = 5, kPartOtherAtMax = 6,                        // w, q_at
+  kNumPartial = 8                                                // 7 reserved
+};
+
+FD_HD void kd_store_partial(const KdPartial& x, float* out_row) {
+  out_row[kPartMaxTeacher] = x.m_t;
+  out_row[kPartSumTeacher] = x.z_t;
+  out_row[kPartMaxStudent] = x.m_s;
+  out_row[kPartSumStudent] = x.z_s;
+  out_row[kPartSumHard] = x.z_h;
+  out_row[kPartWeighted] = x.w;
+  out_row[kPartOtherAtMax] = x.q_at;
+  out_row[7] = 0.f;
+}
+
 // ---- GPU launch rules and launchers (kernels: kd_loss.cuh; launchers: cuda/kd_loss.cu) ----
 namespace kd {
 
@@ -236,6 +258,10 @@ void forward(const KdLossParams& p, float* row_loss, float* stats, float* worksp
 // d loss / d student into `grad` (contiguous [rows, vocab], the student's dtype).
 void backward(const KdLossParams& p, const float* grad_rows, const float* stats, void* grad, KdLaunchConfig c,
               GpuStream s);
+// Vocab-parallel shards: the unfinished state ([rows, kNumPartial]), and JSD's two sums ([rows, 2]) from the merged
+// statistics; `workspace` holds kd_forward_workspace_floats floats.
+void partial(const KdLossParams& p, float* out, float* workspace, KdLaunchConfig c, GpuStream s);
+void jsd_sums(const KdLossParams& p, const float* stats, float* out, float* workspace, KdLaunchConfig c, GpuStream s);
 }  // namespace gpu
 
 }  // namespace kd
