@@ -70,8 +70,10 @@ def format_table(results, limits) -> str:
         roof = r.get("roofline_s", 0.0)
         shape = r["shape"] + (" (cold)" if r["cold"] else "")
         noisy = " (noisy)" if r["fastdistill"]["spread"] > SPREAD_WARN else ""
+        slack = r.get("extra", {}).get("bound_slack_s")
+        bound = "" if slack is None else f" ({'within' if t <= 1.3 * roof + slack else 'over'} 1.3x + {slack * 1e6:.0f} us)"
         lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {t * 1e3:.3f}{noisy} | {'; '.join(base)} | "
-                     f"{'; '.join(speed)} | {achieved} | {100 * roof / t:.0f}% |")
+                     f"{'; '.join(speed)} | {achieved} | {100 * roof / t:.0f}%{bound} |")
     return "\n".join(lines)
 
 
