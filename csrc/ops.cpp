@@ -21,6 +21,15 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("kd_loss_fused(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
         "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, "
         "float grad_scale) -> (Tensor, Tensor, Tensor)");
+  // Against a top-k teacher (csrc/include/fastdistill/kd_topk.h): indices (..., k) integer and logprobs (..., k)
+  // fp32/bf16/fp16, the teacher's log-probabilities at the temperature (-inf: unused slot); tail 'bucket' or
+  // 'renormalize'. Outputs as kd_loss_forward's, with kd_topk's statistics.
+  m.def("kd_topk_forward(Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, str tail) "
+        "-> (Tensor, Tensor)");
+  m.def("kd_topk_backward(Tensor grad_rows, Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, "
+        "Tensor stats, float temperature, str divergence, float beta, int ignore_index, float soft_coef, "
+        "float hard_weight, str tail) -> Tensor");
 
   // ---- int8 quantized inference ----
   // Symmetric int8, zero point 0: s = amax / 127, q = clamp(round_half_even(x / s), -127, 127);

@@ -9,10 +9,10 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-            divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "batchmean",
-            labels: torch.Tensor = None, ignore_index: int = -100, soft_weight: float = 1.0,
-            hard_weight: float = 0.0, scale_by_t2: bool = True) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor = None, *, teacher_topk=None,
+            topk_tail: str = "bucket", temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
+            reduction: str = "batchmean", labels: torch.Tensor = None, ignore_index: int = -100,
+            soft_weight: float = 1.0, hard_weight: float = 0.0, scale_by_t2: bool = True) -> torch.Tensor:
     """Distillation loss between logits of shape (..., V); the leading dims are rows.
 
     With p = softmax(teacher / T) and q = softmax(student / T):
@@ -29,17 +29,41 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     ``sum``, ``mean`` (sum / (rows * V), as F.kl_div), ``none`` (shape of the leading dims).
     The loss is returned in float32 whatever the logits' dtype (as autocast does for losses);
     only the student receives a gradient, in its own dtype.
+
+    The teacher comes as ``teacher_logits`` (..., V) or as ``teacher_topk = (indices, logprobs)``, both (..., k):
+    the teacher's log-probabilities at the temperature of k tokens per row (-inf marks an unused slot; the used
+    indices of a row are distinct). ``topk_tail="bucket"`` compares k+1 outcomes, the used tokens and one tail
+    (p_tail = max(0, 1 - sum p), q_tail = the student's probability outside them); ``"renormalize"`` (forward_kl
+    only) is KL(p / sum p || q) over the used tokens, q the student's full softmax.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"fastdistill.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     t = float(temperature)
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
+    if teacher_topk is not None or teacher_logits is None:
+        indices, logprobs = _topk_pair(teacher_logits, teacher_topk)
+        row_loss, _ = ops.kd_topk_forward(student_logits, indices, logprobs, labels, t, divergence, float(beta),
+                                          int(ignore_index), soft_coef, float(hard_weight), topk_tail)
+        return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
     args = (student_logits, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
             float(hard_weight))
     if _fused_applies(student_logits):
         return _FusedKDLoss.apply(*args, reduction)
     row_loss, _ = ops.kd_loss_forward(*args)
     return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
+
+
+def _topk_pair(teacher_logits, teacher_topk):
+    """(indices, logprobs) of a top-k teacher given as the only teacher."""
+    if teacher_logits is not None:
+        raise ValueError("fastdistill.kd_loss: give the teacher as teacher_logits or teacher_topk, not both")
+    if teacher_topk is None:
+        raise ValueError("fastdistill.kd_loss: no teacher: give teacher_logits or teacher_topk")
+    if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2
+            and all(isinstance(x, torch.Tensor) for x in teacher_topk)):
+        raise TypeError("fastdistill.kd_loss: teacher_topk must be a pair of tensors (indices, logprobs)")
+    indices, logprobs = teacher_topk
+    return indices.detach(), logprobs.detach()
 
 
 def _reduce(row_loss, logits_shape, labels, ignore_index, reduction):
@@ -127,14 +151,14 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
                  reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, scale_by_t2: bool = True):
+                 hard_weight: float = 0.0, scale_by_t2: bool = True, topk_tail: str = "bucket"):
         super().__init__()
         self.kwargs = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                            ignore_index=ignore_index, soft_weight=soft_weight, hard_weight=hard_weight,
-                           scale_by_t2=scale_by_t2)
+                           scale_by_t2=scale_by_t2, topk_tail=topk_tail)
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return kd_loss(student_logits, teacher_logits, labels=labels, **self.kwargs)
+    def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_topk=None):
+        return kd_loss(student_logits, teacher_logits, teacher_topk=teacher_topk, labels=labels, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
