@@ -295,3 +295,127 @@ def test_backward_op_checks_indices_too():
     with pytest.raises(RuntimeError, match="^fastdistill.kd_loss: teacher_topk indices must be in \\[0, 10\\), got 99"):
         torch.ops.fastdistill.kd_topk_backward(torch.ones(2), s, idx, lp, None, stats, 1.0, "forward_kl", 0.5, -100,
                                                1.0, 0.0, "bucket")
+
+
+# ---------------------------------------------------------------- the fused lm_head with a top-k teacher
+def head_problem(rows, hidden, vocab, k, dtype=torch.float32, bias=False, seed=0):
+    h = logits((rows, hidden), dtype, 1.0, seed)
+    w = logits((vocab, hidden), dtype, 2.0 / max(hidden, 1) ** 0.5, seed + 1)
+    b = logits((vocab,), dtype, 1.0, seed + 2) if bias else None
+    topk = topk_of(logits((rows, vocab), seed=seed + 3), min(k, vocab), 2.0, unused_rows=(1,) if rows > 1 else ())
+    return h, w, b, topk
+
+
+def check_fused_against_reference(h, w, b, topk, chunk_size=None, floor=1e-5, **kw):
+    """fused_linear_kd_loss(teacher_topk=...) against the fp64 unfused formula (F.linear, then the top-k reference),
+    within 2x PyTorch's own unfused error in the inputs' dtype (F.linear in it, the loss in fp32)."""
+    leaves = [x.clone().requires_grad_() if x is not None else None for x in (h, w, b)]
+    out = fastdistill.fused_linear_kd_loss(leaves[0], leaves[1], student_bias=leaves[2], teacher_topk=topk,
+                                           chunk_size=chunk_size, **kw)
+
+    def unfused(dtype):
+        xs = [x.detach().to(dtype).requires_grad_() if x is not None else None for x in (h, w, b)]
+        loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        loss = kd_topk_loss_reference(F.linear(*xs).to(loss_dtype), topk[0], topk[1].to(loss_dtype), **kw)
+        return loss, xs
+
+    ref, ref_x = unfused(torch.float64)
+    plain, plain_x = unfused(h.dtype)
+    grad_out = torch.full_like(ref, 0.37) if ref.dim() == 0 else torch.randn_like(ref)
+    out.backward(grad_out.to(out.dtype))
+    ref.backward(grad_out)
+    plain.backward(grad_out.to(plain.dtype))
+    scale = 1.0 + ref.abs().max().item()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert err(out, ref) <= 2 * err(plain, ref) + floor * scale, (err(out, ref), err(plain, ref))
+    for x, ours, r, p in zip((h, w, b), leaves, ref_x, plain_x):
+        if x is None:
+            continue
+        assert ours.grad.dtype == x.dtype
+        gscale = 1.0 + r.grad.abs().max().item()
+        assert err(ours.grad, r.grad) <= 2 * err(p.grad, r.grad) + floor * gscale, (err(ours.grad, r.grad),
+                                                                                     err(p.grad, r.grad))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("tail,divergence", MODES)
+def test_fused_linear_matches_fp64_reference(tail, divergence, reduction, bias):
+    h, w, b, topk = head_problem(11, 24, 101, 7, bias=bias)
+    labels = torch.randint(0, 101, (11,))
+    labels[4] = -100
+    check_fused_against_reference(h, w, b, topk, chunk_size=4, temperature=2.0, divergence=divergence, beta=0.3,
+                                  reduction=reduction, topk_tail=tail, labels=labels, hard_weight=0.3)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 33, 101, 1000])
+@pytest.mark.parametrize("hidden", [1, 3, 33])
+def test_fused_linear_awkward_sizes(hidden, vocab):
+    h, w, b, topk = head_problem(5, hidden, vocab, 5, bias=True)
+    check_fused_against_reference(h, w, b, topk, chunk_size=2, divergence="jsd", temperature=1.5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_fused_linear_equals_kd_loss_on_the_linear_outputs(chunk_size):
+    h, w, b, topk = head_problem(10, 16, 300, 12, bias=True)
+    kw = dict(temperature=2.0, divergence="reverse_kl", reduction="sum")
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    fused = fastdistill.fused_linear_kd_loss(leaves[0], leaves[1], student_bias=leaves[2], teacher_topk=topk,
+                                             chunk_size=chunk_size, **kw)
+    plain = [x.clone().requires_grad_() for x in (h, w, b)]
+    unfused = kd_loss(F.linear(*plain), teacher_topk=topk, **kw)
+    fused.backward()
+    unfused.backward()
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    for a, c in zip(leaves, plain):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_linear_bf16_and_leading_dims():
+    h, w, _, _ = head_problem(6, 20, 80, 4, dtype=torch.bfloat16)
+    topk = topk_of(logits((2, 3, 80), seed=5), 6, 1.0, dtype=torch.bfloat16)
+    labels = torch.randint(0, 80, (2, 3))
+    check_fused_against_reference(h.view(2, 3, 20), w, None, topk, labels=labels, hard_weight=0.5, reduction="none")
+
+
+def test_fused_linear_module_and_all_rows_ignored():
+    h, w, b, topk = head_problem(4, 8, 30, 3)
+    x, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    crit = fastdistill.FusedLinearKDLoss(topk_tail="renormalize", hard_weight=0.5)
+    loss = crit(x, wx, teacher_topk=topk, labels=torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.abs().max().item() == 0.0 and wx.grad.abs().max().item() == 0.0
+
+
+def test_fused_linear_torch_compile_fullgraph():
+    h, w, b, topk = head_problem(8, 16, 64, 5)
+
+    def step(x, wx, i, p):
+        return fastdistill.fused_linear_kd_loss(x, wx, teacher_topk=(i, p), chunk_size=3, divergence="jsd")
+
+    x1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    x2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    a = torch.compile(step, fullgraph=True, backend="aot_eager")(x1, w1, *topk)
+    c = step(x2, w2, *topk)
+    a.backward()
+    c.backward()
+    torch.testing.assert_close(a, c)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+FUSED_BAD = [
+    (dict(teacher_logits=logits((4, 30))), "exactly one form.*\\(got both\\)"),
+    (dict(teacher_bias=logits((30,))), "teacher_bias goes with teacher_weight, not with teacher_topk"),
+    (dict(teacher_topk=(torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, 3))),
+     "teacher_topk indices and logprobs must both be \\(..., k\\) with the student's leading shape \\[4\\]"),
+]
+
+
+@pytest.mark.parametrize("case,match", FUSED_BAD, ids=[m[:30] for _, m in FUSED_BAD])
+def test_fused_linear_bad_inputs(case, match):
+    h, w, _, topk = head_problem(4, 8, 30, 3)
+    kw = dict(teacher_topk=topk)
+    kw.update(case)
+    with pytest.raises(ValueError, match="^fastdistill.fused_linear_kd_loss: .*" + match):
+        fastdistill.fused_linear_kd_loss(h, w, **kw)
