@@ -419,3 +419,93 @@ def test_fused_linear_bad_inputs(case, match):
     kw.update(case)
     with pytest.raises(ValueError, match="^fastdistill.fused_linear_kd_loss: .*" + match):
         fastdistill.fused_linear_kd_loss(h, w, **kw)
+
+
+# ---------------------------------------------------------------- the CUDA kernels, through the SIMT emulator
+def simt_ops():
+    import fastdistill._simt  # noqa: F401  (registers torch.ops.fastdistill_simt)
+    return torch.ops.fastdistill_simt
+
+
+def simt_case(student, topk, labels=None, threads=0, grad_rows=None, **kw):
+    """Row losses and gradient of the emulated CUDA kernels, and of the CPU ops on the same inputs."""
+    T, div, beta, hw, tail = (kw.get("temperature", 1.0), kw.get("divergence", "forward_kl"), kw.get("beta", 0.5),
+                              kw.get("hard_weight", 0.0), kw.get("topk_tail", "bucket"))
+    args = (student, *topk, labels, T, div, beta, -100, T * T, hw, tail)
+    rows = student.numel() // student.shape[-1]
+    grad_rows = torch.rand(rows) + 0.5 if grad_rows is None else grad_rows
+    ns = simt_ops()
+    loss, stats = ns.kd_topk_forward(*args, threads)
+    grad = ns.kd_topk_backward(grad_rows, student, *topk, labels, stats, *args[4:], threads)
+    return loss, grad, grad_rows
+
+
+@pytest.mark.parametrize("threads", [32, 64, 0])
+@pytest.mark.parametrize("tail,divergence", MODES)
+@pytest.mark.parametrize("vocab,k", [(1, 1), (3, 3), (33, 5), (1001, 40), (20000, 64)])
+def test_simt_matches_fp64_reference(vocab, k, tail, divergence, threads):
+    for dtype in DTYPES:
+        s = logits((4, vocab), dtype, seed=11)
+        idx, lp = topk_of(logits((4, vocab), seed=12), min(k, vocab), 2.0, dtype=torch.bfloat16, unused_rows=(2,))
+        labels = torch.randint(0, vocab, (4,))
+        labels[1] = -100
+        kw = dict(temperature=2.0, divergence=divergence, beta=0.3, hard_weight=0.4, topk_tail=tail)
+        loss, grad, grad_rows = simt_case(s, (idx.to(torch.int32), lp), labels, threads, **kw)
+        ref_kw = dict(kw, reduction="none", labels=labels)
+        x64, x32 = s.double().requires_grad_(), s.float().requires_grad_()
+        ref = kd_topk_loss_reference(x64, idx, lp.double(), **ref_kw)
+        plain = kd_topk_loss_reference(x32, idx, lp.float(), **ref_kw)
+        ref.backward(grad_rows.double())
+        plain.backward(grad_rows)
+        assert err(loss, ref) <= 2 * err(plain, ref) + 1e-5 * (1 + ref.abs().max().item())
+        floor = torch.finfo(dtype).eps * x64.grad.abs().max().item() + 1e-6
+        assert err(grad, x64.grad) <= 2 * err(x32.grad, x64.grad) + floor, (err(grad, x64.grad), err(x32.grad, x64.grad))
+
+
+def test_simt_equals_cpu_on_the_tail_sum_case():
+    s = torch.full((2, 1000), -30.0)
+    s[:, :3] = torch.tensor([30.0, 29.0, 28.0])
+    topk = (torch.tensor([[0, 1, 2]] * 2), torch.tensor([[-0.5, -1.5, -2.5]] * 2))
+    for divergence in DIVERGENCES:
+        loss, grad, g = simt_case(s, topk, divergence=divergence, threads=64)
+        x = s.clone().requires_grad_()
+        cpu = kd_loss(x, teacher_topk=topk, divergence=divergence, reduction="none")
+        cpu.backward(g)
+        torch.testing.assert_close(loss, cpu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_simt_bad_indices_are_device_side_asserts():
+    s = logits((2, 10))
+    idx, lp = torch.tensor([[0, 1, 2], [3, 11, 4]]), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="device-side assert: fastdistill.kd_loss: a used teacher_topk index is "
+                                           "outside \\[0, V\\)"):
+        simt_case(s, (idx, lp))
+    with pytest.raises(RuntimeError, match="device-side assert: fastdistill.kd_loss: teacher_topk has a duplicate"):
+        simt_case(s, (torch.tensor([[0, 1, 2], [3, 4, 3]]), lp))
+    with pytest.raises(RuntimeError, match="device-side assert: fastdistill.kd_loss: a label is outside"):
+        simt_case(s, (torch.tensor([[0, 1, 2]] * 2), lp), labels=torch.tensor([0, 10]), hard_weight=1.0)
+
+
+def test_simt_vocabulary_limit_is_a_clear_error():
+    s = torch.zeros(1, 262145)
+    with pytest.raises(RuntimeError, match="^fastdistill.kd_loss: teacher_topk on a GPU supports a vocabulary of at "
+                                           "most 262144, got 262145"):
+        simt_case(s, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tail,divergence", MODES)
+def test_cuda_matches_cpu(tail, divergence):
+    s, t = logits((6, 32000), torch.bfloat16, seed=13), logits((6, 32000), seed=14)
+    idx, lp = topk_of(t, 64, 2.0, unused_rows=(3,))
+    labels = torch.randint(0, 32000, (6,))
+    kw = dict(temperature=2.0, divergence=divergence, topk_tail=tail, labels=labels, hard_weight=0.5,
+              reduction="none")
+    x, xc = s.clone().requires_grad_(), s.cuda().requires_grad_()
+    cpu, gpu = kd_loss(x, teacher_topk=(idx, lp), **kw), kd_loss(xc, teacher_topk=(idx.cuda(), lp.cuda()), **kw)
+    g = torch.rand(6) + 0.5
+    cpu.backward(g)
+    gpu.backward(g.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xc.grad.cpu(), x.grad, rtol=2e-2, atol=1e-5)

@@ -73,4 +73,50 @@ inline KdTopkArgs kd_topk_args(const at::Tensor& student, const at::Tensor& indi
   return a;
 }
 
+// ---- GPU (CUDA and the emulator) ----
+inline int kd_topk_gpu_threads(const GpuBackend& b, const KdTopkParams& p) {
+  return kd::kd_launch_config(p.kd.rows, p.kd.vocab, 1, b.kd_threads, 1, b.multiprocessors).threads;
+}
+
+inline void kd_topk_check_gpu(const KdTopkParams& p) {
+  TORCH_CHECK(p.kd.vocab <= kd::kTopkMaxVocabGpu, "fastdistill.kd_loss: teacher_topk on a GPU supports a vocabulary "
+              "of at most ", kd::kTopkMaxVocabGpu, ", got ", p.kd.vocab);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> kd_topk_forward_gpu(
+    const GpuBackend& b, const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
+    const std::optional<at::Tensor>& labels, double temperature, const std::string& divergence, double beta,
+    int64_t ignore_index, double soft_coef, double hard_weight, const std::string& tail) {
+  const KdTopkArgs a = kd_topk_args(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index,
+                                    soft_coef, hard_weight, tail);
+  const KdTopkParams& p = a.params;
+  kd_topk_check_gpu(p);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor row_loss = at::empty({p.kd.rows}, f32), stats = at::empty({p.kd.rows, kNumStats}, f32);
+  if (p.kd.rows == 0) return {row_loss, stats};
+  kd::gpu::topk_forward(p, row_loss.data_ptr<float>(), stats.data_ptr<float>(), kd_topk_gpu_threads(b, p), b.stream);
+  b.launched();
+  return {row_loss, stats};
+}
+
+inline at::Tensor kd_topk_backward_gpu(const GpuBackend& b, const at::Tensor& grad_rows, const at::Tensor& student,
+                                       const at::Tensor& indices, const at::Tensor& logprobs,
+                                       const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                                       double temperature, const std::string& divergence, double beta,
+                                       int64_t ignore_index, double soft_coef, double hard_weight,
+                                       const std::string& tail) {
+  const KdTopkArgs a = kd_topk_args(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index,
+                                    soft_coef, hard_weight, tail);
+  const KdTopkParams& p = a.params;
+  kd_topk_check_gpu(p);
+  kd_check_backward(grad_rows, stats, p.kd, student.device());
+  const at::Tensor g = grad_rows.contiguous(), st = stats.contiguous();
+  at::Tensor grad = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.kd.rows == 0) return grad;
+  kd::gpu::topk_backward(p, g.data_ptr<float>(), st.data_ptr<float>(), grad.data_ptr(), kd_topk_gpu_threads(b, p),
+                         b.stream);
+  b.launched();
+  return grad;
+}
+
 }  // namespace fastdistill

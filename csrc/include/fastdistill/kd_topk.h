@@ -177,4 +177,20 @@ FD_HD float kd_topk_soft(const KdLossParams& p, float grad_row) {
   return p.divergence == Divergence::jsd ? soft * (1.f - p.beta) : soft;
 }
 
+// ---- GPU limits and launchers (kernels: kd_topk.cuh; launchers: cuda/kd_topk.cu) ----
+namespace kd {
+
+// The GPU forward marks a row's used columns in a shared-memory bitmap of this many 32-bit words.
+constexpr int64_t kTopkBitmapWords = 8192;
+constexpr int64_t kTopkMaxVocabGpu = kTopkBitmapWords * 32;  // 262144
+
+namespace gpu {
+// Row losses and statistics ([rows], [rows, kNumStats]); one block of `threads` per row.
+void topk_forward(const KdTopkParams& p, float* row_loss, float* stats, int threads, GpuStream s);
+// d loss / d student into `grad` (contiguous [rows, vocab], the student's dtype).
+void topk_backward(const KdTopkParams& p, const float* grad_rows, const float* stats, void* grad, int threads,
+                   GpuStream s);
+}  // namespace gpu
+
+}  // namespace kd
 }  // namespace fastdistill
