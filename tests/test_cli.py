@@ -34,7 +34,8 @@ def test_info_reports_build():
     # CPU-only, every other op has a CUDA kernel when the build has CUDA.
     cuda = c.built_with_cuda()
     ops = ["int8_gemm_s32", "int8_linear", "int8_pack_weight", "int8_unpack_weight", "int8_weight_only_linear",
-           "kd_loss_backward", "kd_loss_forward", "kd_loss_fused", "quantize_per_channel", "quantize_per_token",
+           "kd_loss_backward", "kd_loss_forward", "kd_loss_fused", "kd_topk_backward", "kd_topk_forward",
+           "quantize_per_channel", "quantize_per_token",
            "sparse24_int8_linear", "sparse24_linear", "sparse24_pack"]
     listed = out.split("registered ops:\n", 1)[1].split()
     for op in ops:
