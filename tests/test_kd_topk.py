@@ -500,3 +500,14 @@ def test_cuda_matches_cpu(tail, divergence):
     gpu.backward(g.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(xc.grad.cpu(), x.grad, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("tail,divergence", MODES)
+def test_masked_vocabulary_and_large_magnitudes(isa, tail, divergence):
+    s, t = logits((6, 777), seed=15), logits((6, 777), seed=16)
+    s[:, 700:] = NEG_INF  # a masked (padded) vocabulary: zero-probability tail columns
+    topk = topk_of(t[:, :700], 12, 1.0, unused_rows=(2, 4))
+    check_against_reference(s, topk, divergence=divergence, topk_tail=tail, reduction="none")
+    big = logits((4, 3001), scale=2e4, seed=17)  # |logits| / T ~ 1e4: one column holds the student's mass
+    topk = topk_of(logits((4, 3001), seed=18), 30, 2.0)
+    check_against_reference(big, topk, temperature=2.0, divergence=divergence, topk_tail=tail, reduction="sum")
