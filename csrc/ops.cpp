@@ -30,6 +30,10 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("kd_topk_backward(Tensor grad_rows, Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, "
         "Tensor stats, float temperature, str divergence, float beta, int ignore_index, float soft_coef, "
         "float hard_weight, str tail) -> Tensor");
+  // kd_loss_fused's counterpart (CPU): kd_topk_forward's outputs and the gradient for d loss / d row_loss = grad_scale.
+  m.def("kd_topk_fused(Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, str tail, "
+        "float grad_scale) -> (Tensor, Tensor, Tensor)");
 
   // ---- int8 quantized inference ----
   // Symmetric int8, zero point 0: s = amax / 127, q = clamp(round_half_even(x / s), -127, 127);

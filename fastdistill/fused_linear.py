@@ -69,23 +69,22 @@ def _chunk_kd(s, t, topk, labels, kd_args, backward, need_grad, fused, grad_rows
     """The kd kernels on one chunk's fp32 student logits `s`, the teacher as logits `t` or as `topk` (indices,
     logprobs): (row losses, stats, d loss / d s), each None where not computed (the backward computes only the last,
     for grad_rows and the forward's stats; a forward that needs no gradient skips it)."""
-    args, tail = kd_args[:6], kd_args[6]
+    ops = torch.ops.fastdistill
     if topk is not None:
-        if backward:
-            return None, None, torch.ops.fastdistill.kd_topk_backward(grad_rows, s, *topk, labels, stats, *args, tail)
-        loss, st = torch.ops.fastdistill.kd_topk_forward(s, *topk, labels, *args, tail)
-        ones = torch.ones((s.shape[0],), dtype=_F32, device=s.device)
-        g = torch.ops.fastdistill.kd_topk_backward(ones, s, *topk, labels, st, *args, tail) if need_grad else None
-        return loss, st, g
+        teacher, args = topk, kd_args
+        forward_op, backward_op, fused_op = ops.kd_topk_forward, ops.kd_topk_backward, ops.kd_topk_fused
+    else:
+        teacher, args = (t,), kd_args[:6]  # kd_loss's ops take no topk_tail
+        forward_op, backward_op, fused_op = ops.kd_loss_forward, ops.kd_loss_backward, ops.kd_loss_fused
     if backward:
-        return None, None, torch.ops.fastdistill.kd_loss_backward(grad_rows, s, t, labels, stats, *args)
+        return None, None, backward_op(grad_rows, s, *teacher, labels, stats, *args)
     if not need_grad:
-        return (*torch.ops.fastdistill.kd_loss_forward(s, t, labels, *args), None)
+        return (*forward_op(s, *teacher, labels, *args), None)
     if fused:
-        return torch.ops.fastdistill.kd_loss_fused(s, t, labels, *args, 1.0)
-    loss, st = torch.ops.fastdistill.kd_loss_forward(s, t, labels, *args)
+        return fused_op(s, *teacher, labels, *args, 1.0)
+    loss, st = forward_op(s, *teacher, labels, *args)
     ones = torch.ones((s.shape[0],), dtype=_F32, device=s.device)
-    return loss, st, torch.ops.fastdistill.kd_loss_backward(ones, s, t, labels, st, *args)
+    return loss, st, backward_op(ones, s, *teacher, labels, st, *args)
 
 
 def _chunked(h, w, b, th, tw, tb, tl, ti, tp, labels, kd_args, chunk, needs, grad_rows=None, stats=None):
@@ -108,7 +107,7 @@ def _chunked(h, w, b, th, tw, tb, tl, ti, tp, labels, kd_args, chunk, needs, gra
     n_max = min(chunk, rows)
     s_buf = torch.empty((n_max, vocab), **kw)  # reused by every chunk: no fresh pages per chunk
     t_buf = torch.empty((n_max, vocab), **kw) if th is not None else None
-    fused = h.device.type == "cpu"  # kd_loss_fused (loss and gradient in one call) is a CPU kernel
+    fused = h.device.type == "cpu"  # kd_loss_fused / kd_topk_fused (loss and gradient in one call) are CPU kernels
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         x = _gemm_operand(h[r0:r1])

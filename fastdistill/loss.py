@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from fastdistill import ops
+from fastdistill import _ext, ops
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -40,16 +40,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor = None, *
         raise ValueError(f"fastdistill.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     t = float(temperature)
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
+    params = (t, divergence, float(beta), int(ignore_index), soft_coef, float(hard_weight))
     if teacher_topk is not None or teacher_logits is None:
-        indices, logprobs = _topk_pair(teacher_logits, teacher_topk)
-        row_loss, _ = ops.kd_topk_forward(student_logits, indices, logprobs, labels, t, divergence, float(beta),
-                                          int(ignore_index), soft_coef, float(hard_weight), topk_tail)
-        return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
-    args = (student_logits, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
-            float(hard_weight))
+        teacher, params = _topk_pair(teacher_logits, teacher_topk), params + (topk_tail,)
+        forward, fused, backward = ops.kd_topk_forward, "kd_topk_fused", "kd_topk_backward"
+    else:
+        teacher, forward, fused, backward = (teacher_logits,), ops.kd_loss_forward, "kd_loss_fused", "kd_loss_backward"
     if _fused_applies(student_logits):
-        return _FusedKDLoss.apply(*args, reduction)
-    row_loss, _ = ops.kd_loss_forward(*args)
+        return _FusedKDLoss.apply(student_logits, labels, teacher, params, reduction, fused, backward)
+    row_loss, _ = forward(student_logits, *teacher, labels, *params)
     return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
 
 
@@ -107,23 +106,26 @@ class _FusedKDLoss(torch.autograd.Function):
     one and a power-of-2 scale such as 1 / accumulation steps); no second logits-sized tensor exists."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
-                hard_weight, reduction):
+    def forward(ctx, student, labels, teacher, params, reduction, fused_op, backward_op):
+        """teacher: the teacher tensors of the ops (teacher_logits,) or (indices, logprobs); params: their scalar
+        arguments after labels; fused_op / backward_op: kd_loss_fused and kd_loss_backward, or the kd_topk ones."""
+        ignore_index = params[3]
         grad_scale = 1.0 if reduction in ("sum", "none") else 1.0 / float(_divisor(student.shape, labels,
                                                                                      ignore_index, reduction))
-        row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
-                                                  ignore_index, soft_coef, hard_weight, grad_scale)
-        ctx.save_for_backward(student, teacher, labels, stats)
-        ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
+        _ext.require(fused_op, student.device)
+        row_loss, stats, grad = getattr(torch.ops.fastdistill, fused_op)(student, *teacher, labels, *params,
+                                                                         grad_scale)
+        ctx.save_for_backward(student, labels, stats, *teacher)
+        ctx.params, ctx.backward_op = params, backward_op
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.grad = grad
         return _reduce(row_loss, student.shape, labels, ignore_index, reduction)  # as the two-op path, bit for bit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student, teacher, labels, stats = ctx.saved_tensors
+        student, labels, stats, *teacher = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # the precomputed gradient is handed over once
-        none = (None,) * 9
+        none = (None,) * 6
         if grad is not None and not torch.is_grad_enabled():
             g = grad_loss.reshape(grad.shape[:-1] + (1,)) if ctx.reduction == "none" else grad_loss
             if bool((g == 1).all()):  # a CPU tensor: no device sync
@@ -141,8 +143,8 @@ class _FusedKDLoss(torch.autograd.Function):
             grad_rows = grad_loss.expand(rows)
         else:
             grad_rows = (grad_loss / _divisor(student.shape, labels, ctx.ignore_index, ctx.reduction)).expand(rows)
-        grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
-                                                      *ctx.params)
+        grad = getattr(torch.ops.fastdistill, ctx.backward_op)(grad_rows.contiguous(), student, *teacher, labels,
+                                                               stats, *ctx.params)
         return (grad,) + none
 
 

@@ -70,16 +70,6 @@ if _lib_loaded:
         "fastdistill::kd_loss_backward", _kd_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def kd_loss_fused(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
-                  grad_scale):
-    """(row losses, stats, d loss / d student when d loss / d row_loss = grad_scale for every row) in one call;
-    no autograd of its own (fastdistill.loss wraps it)."""
-    _ext.require("kd_loss_fused", student.device)
-    return torch.ops.fastdistill.kd_loss_fused(
-        student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index),
-        float(soft_coef), float(hard_weight), float(grad_scale))
-
-
 # ---------------------------------------------------------------- distillation loss, top-k teacher
 def kd_topk_forward(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index, soft_coef,
                     hard_weight, tail):
@@ -102,6 +92,13 @@ if _lib_loaded:
     def _kd_topk_backward_fake(grad_rows, student, indices, logprobs, labels, stats, temperature, divergence, beta,
                                ignore_index, soft_coef, hard_weight, tail):
         return student.new_empty(student.shape)
+
+    @torch.library.register_fake("fastdistill::kd_topk_fused")
+    def _kd_topk_fused_fake(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index,
+                            soft_coef, hard_weight, tail, grad_scale):
+        loss, stats = _kd_topk_forward_fake(student, indices, logprobs, labels, temperature, divergence, beta,
+                                            ignore_index, soft_coef, hard_weight, tail)
+        return loss, stats, student.new_empty(student.shape)
 
     def _kd_topk_setup_context(ctx, inputs, output):
         student, indices, logprobs, labels, *params = inputs

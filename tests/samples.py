@@ -171,8 +171,9 @@ def kd_topk_backward_args(ns, args):
     return (_grad_rows(args).to(s.device), s, idx, lp, labels, stats, *params)
 
 
-def check_kd_topk_backward(grad, args):
-    s, grad_rows = args[0], _grad_rows(args)
+def check_kd_topk_backward(grad, args, grad_rows=None):
+    s = args[0]
+    grad_rows = _grad_rows(args) if grad_rows is None else grad_rows
     assert grad.dtype == s.dtype and grad.shape == s.shape
 
     def grad_in(dtype):
@@ -183,6 +184,12 @@ def check_kd_topk_backward(grad, args):
     ref64, torch32 = grad_in(torch.float64), grad_in(torch.float32)
     floor = torch.finfo(s.dtype).eps * ref64.abs().max().item() + 1e-6
     assert_within_torch_error(grad, ref64, torch32, "kd_topk_backward", floor)
+
+
+def check_kd_topk_fused(out, args):
+    loss, stats, grad = out
+    check_kd_topk_forward((loss, stats), args)
+    check_kd_topk_backward(grad, args, torch.full((args[0].shape[0],), GRAD_SCALE))
 
 
 # --------------------------------------------------------------------------------------------- int8
@@ -308,6 +315,8 @@ OPS: Dict[str, OpSamples] = {
                                  op_args=lambda ns, args: (args[0].detach().requires_grad_(), *args[1:])),
     "kd_topk_backward": OpSamples(_topk_samples, check_kd_topk_backward, op_args=kd_topk_backward_args,
                                   opcheck_utils=("test_schema", "test_autograd_registration", "test_faketensor")),
+    "kd_topk_fused": OpSamples(_topk_samples, check_kd_topk_fused, op_args=lambda ns, args: (*args, GRAD_SCALE),
+                               simt=False, opcheck_utils=("test_schema", "test_faketensor")),
     "quantize_per_token": OpSamples(_x_samples, check_quantize),
     "quantize_per_channel": OpSamples(lambda: [s for s in _x_samples() if s.args[0].dim() == 2], check_quantize),
     "int8_linear": OpSamples(_int8_linear_samples, _linear_check(int8_linear_reference, "int8_linear"),

@@ -511,3 +511,32 @@ def test_masked_vocabulary_and_large_magnitudes(isa, tail, divergence):
     big = logits((4, 3001), scale=2e4, seed=17)  # |logits| / T ~ 1e4: one column holds the student's mass
     topk = topk_of(logits((4, 3001), seed=18), 30, 2.0)
     check_against_reference(big, topk, temperature=2.0, divergence=divergence, topk_tail=tail, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_training_path_equals_two_op_path(isa, dtype, reduction):
+    """Eager CPU training writes each row's gradient in the forward (kd_topk_fused); the backward hands it over,
+    scaled by grad_output. It equals kd_topk_forward + kd_topk_backward (what torch.compile traces)."""
+    s, t = logits((9, 333), dtype, seed=19), logits((9, 333), seed=20)
+    idx, lp = topk_of(t, 11, 2.0, unused_rows=(4,))
+    labels = torch.randint(0, 333, (9,))
+    labels[3] = -100
+    for tail, divergence in MODES:
+        kw = dict(temperature=2.0, divergence=divergence, beta=0.3, labels=labels, hard_weight=0.4, topk_tail=tail,
+                  reduction=reduction)
+        x = s.clone().requires_grad_()
+        loss = kd_loss(x, teacher_topk=(idx, lp), **kw)
+        g = torch.full_like(loss, 0.25) if loss.dim() == 0 else torch.rand_like(loss) + 0.5
+        loss.backward(g, retain_graph=True)
+        first = x.grad.clone()
+        x.grad = None
+        loss.backward(g)  # a second backward recomputes through kd_topk_backward
+        params = (2.0, divergence, 0.3, -100, 4.0, 0.4, tail)
+        rows, stats = torch.ops.fastdistill.kd_topk_forward(s, idx, lp, labels, *params)
+        r = rows.clone().requires_grad_()
+        fastdistill.loss._reduce(r, s.shape, labels, -100, reduction).backward(g)
+        want = torch.ops.fastdistill.kd_topk_backward(r.grad.contiguous(), s, idx, lp, labels, stats, *params)
+        assert torch.equal(loss, fastdistill.loss._reduce(rows, s.shape, labels, -100, reduction))
+        torch.testing.assert_close(first, want, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-7)
+        assert torch.equal(x.grad, want)

@@ -202,11 +202,42 @@ at::Tensor kd_topk_backward(const at::Tensor& grad_rows, const at::Tensor& stude
   return grad;
 }
 
+// Forward and gradient in one call (eager CPU training): each row's gradient is written right after its loss, while
+// the row is still in cache, for d loss / d row_loss = grad_scale on every row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_topk_fused(const at::Tensor& student, const at::Tensor& indices,
+                                                              const at::Tensor& logprobs,
+                                                              const std::optional<at::Tensor>& labels,
+                                                              double temperature, c10::string_view divergence,
+                                                              double beta, int64_t ignore_index, double soft_coef,
+                                                              double hard_weight, c10::string_view tail,
+                                                              double grad_scale) {
+  const KdTopkArgs args = kd_topk_args(student, indices, logprobs, labels, temperature, std::string(divergence), beta,
+                                       ignore_index, soft_coef, hard_weight, std::string(tail));
+  const KdTopkParams& p = args.params;
+  kd_check_labels(p.kd);
+  TORCH_CHECK(std::isfinite(grad_scale), "fastdistill.kd_topk_fused: grad_scale must be finite, got ", grad_scale);
+  auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({p.kd.rows}, f32), stats = at::empty({p.kd.rows, kNumStats}, f32);
+  at::Tensor grad = empty_reusable(student.sizes(), student.options());
+  const KdTopkKernels& k = kd_topk_kernels();
+  std::vector<SlotError> errors(p.kd.rows);
+  float* l = loss.data_ptr<float>();
+  float* st = stats.data_ptr<float>();
+  void* out = grad.data_ptr();
+  parallel_rows(p.kd, [&](int64_t r, std::vector<int64_t>& cuts) {
+    forward_row(p, k, r, cuts, l, st, errors[r]);
+    if (errors[r].kind == SlotError::none) backward_row(p, k, r, cuts, st, float(grad_scale), out, errors[r]);
+  });
+  raise_first(p, errors);
+  return {loss, stats, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("kd_topk_forward", &kd_topk_forward);
   m.impl("kd_topk_backward", &kd_topk_backward);
+  m.impl("kd_topk_fused", &kd_topk_fused);
 }
 
 }  // namespace fastdistill::cpu::kd
