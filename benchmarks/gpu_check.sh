@@ -39,7 +39,7 @@ fi
 export CUDA_HOME=${CUDA_HOME:-}
 SANITIZER=$(ls "$CUDA_HOME"/bin/compute-sanitizer "$CUDA_HOME"/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer)}
-DRIVERS=(kd_loss int8 sparse24)
+DRIVERS=(kd_loss kd_topk int8 sparse24)
 TOOLS=(memcheck racecheck synccheck)
 START=$(date +%s)
 [[ $DRY == 1 ]] && echo dry-run > "$LOGS/mode.txt" || echo gpu > "$LOGS/mode.txt"

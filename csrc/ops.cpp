@@ -21,6 +21,19 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("kd_loss_fused(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
         "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, "
         "float grad_scale) -> (Tensor, Tensor, Tensor)");
+  // Against a top-k teacher (csrc/include/fastdistill/kd_topk.h): indices (..., k) integer and logprobs (..., k)
+  // fp32/bf16/fp16, the teacher's log-probabilities at the temperature (-inf: unused slot); tail 'bucket' or
+  // 'renormalize'. Outputs as kd_loss_forward's, with kd_topk's statistics.
+  m.def("kd_topk_forward(Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, str tail) "
+        "-> (Tensor, Tensor)");
+  m.def("kd_topk_backward(Tensor grad_rows, Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, "
+        "Tensor stats, float temperature, str divergence, float beta, int ignore_index, float soft_coef, "
+        "float hard_weight, str tail) -> Tensor");
+  // kd_loss_fused's counterpart (CPU): kd_topk_forward's outputs and the gradient for d loss / d row_loss = grad_scale.
+  m.def("kd_topk_fused(Tensor student, Tensor indices, Tensor logprobs, Tensor? labels, float temperature, "
+        "str divergence, float beta, int ignore_index, float soft_coef, float hard_weight, str tail, "
+        "float grad_scale) -> (Tensor, Tensor, Tensor)");
 
   // Vocab-parallel shards (fastdistill/distributed.py): the unfinished per-row softmax state of this shard's columns
   // (fp32 [rows, 8]: kd_loss.h's KdPartialField), which the ranks merge with all-reduces (labels are global indices

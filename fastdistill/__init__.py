@@ -12,6 +12,7 @@ from fastdistill.prune import Calibration, calibrate, prune_2_4_
 from fastdistill.quant import Int8Linear, quantize_, quantize_per_channel, quantize_per_token
 from fastdistill.sparse import (SparseLinear, apply_2_4_masks, compress_2_4, decompress_2_4, from_cutlass_2_4,
                                 prune_2_4, sparsify_, to_cutlass_2_4, to_semi_structured_2_4)
+from fastdistill.topk import TeacherTopK
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,4 @@ __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "cp
            "quantize_", "quantize_per_channel", "quantize_per_token", "Calibration", "calibrate", "prune_2_4_",
            "SparseLinear", "apply_2_4_masks", "compress_2_4", "decompress_2_4", "from_cutlass_2_4", "prune_2_4",
            "sparsify_", "to_cutlass_2_4", "to_semi_structured_2_4", "save_int8", "load_int8", "to_sparse24_bitmask",
-           "from_sparse24_bitmask", "vocab_shard"]
+           "from_sparse24_bitmask", "vocab_shard", "TeacherTopK"]

@@ -338,7 +338,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         h, w, b, th, tw, tb, tl, local, stats = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         grad_rows = kd._grad_rows(grad_loss, h.shape[0], ctx.reduction, ctx.divisor).float().contiguous()
-        _, _, gh, gw, gb = fl._chunked(h, w, b, th, tw, tb, tl, local, ctx.kd_args, ctx.chunk, needs,
+        _, _, gh, gw, gb = fl._chunked(h, w, b, th, tw, tb, tl, None, None, local, ctx.kd_args, ctx.chunk, needs,
                                        grad_rows=grad_rows, stats=stats)
         grads = tuple(g.to(x.dtype) if need else None for g, x, need in zip((gh, gw, gb), (h, w, b), needs))
         return grads + (None,) * 17

@@ -68,7 +68,7 @@ def _logits(x: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor
 def chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
     """(r0, r1, x, s, t) for each chunk of `chunk` rows of 2-D inputs, the heads w_mm and tw_mm already GEMM
     operands (_gemm_operand): x the chunk's student hidden rows as a GEMM operand, s and t its fp32 student and
-    teacher logits (t a view of tl for precomputed teacher logits). s and t live in buffers that every chunk reuses
+    teacher logits (t a view of tl for precomputed teacher logits, None for a top-k teacher). s and t live in buffers that every chunk reuses
     (no fresh pages per chunk): use them before the next one."""
     rows, vocab = h.shape[0], w_mm.shape[0]
     kw = dict(dtype=_F32, device=h.device)
@@ -79,12 +79,36 @@ def chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
         r1 = min(rows, r0 + chunk)
         x = _gemm_operand(h[r0:r1])
         s = _logits(x, w_mm, b, s_buf[: r1 - r0])
-        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else tl[r0:r1]
+        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else None
+        t = tl[r0:r1] if tl is not None else t
         yield r0, r1, x, s, t
 
 
-def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=None, stats=None):
-    """One pass over the row chunks of 2-D inputs. Without grad_rows: (row losses, stats) and, for each of `needs`
+def _chunk_kd(s, t, topk, labels, kd_args, backward, need_grad, fused, grad_rows, stats):
+    """The kd kernels on one chunk's fp32 student logits `s`, the teacher as logits `t` or as `topk` (indices,
+    logprobs): (row losses, stats, d loss / d s), each None where not computed (the backward computes only the last,
+    for grad_rows and the forward's stats; a forward that needs no gradient skips it)."""
+    ops = torch.ops.fastdistill
+    if topk is not None:
+        teacher, args = topk, kd_args
+        forward_op, backward_op, fused_op = ops.kd_topk_forward, ops.kd_topk_backward, ops.kd_topk_fused
+    else:
+        teacher, args = (t,), kd_args[:6]  # kd_loss's ops take no topk_tail
+        forward_op, backward_op, fused_op = ops.kd_loss_forward, ops.kd_loss_backward, ops.kd_loss_fused
+    if backward:
+        return None, None, backward_op(grad_rows, s, *teacher, labels, stats, *args)
+    if not need_grad:
+        return (*forward_op(s, *teacher, labels, *args), None)
+    if fused:
+        return fused_op(s, *teacher, labels, *args, 1.0)
+    loss, st = forward_op(s, *teacher, labels, *args)
+    ones = torch.ones((s.shape[0],), dtype=_F32, device=s.device)
+    return loss, st, backward_op(ones, s, *teacher, labels, st, *args)
+
+
+def _chunked(h, w, b, th, tw, tb, tl, ti, tp, labels, kd_args, chunk, needs, grad_rows=None, stats=None):
+    """One pass over the row chunks of 2-D inputs (the teacher as hidden th / head tw, tb; logits tl; or top-k
+    indices ti and logprobs tp). Without grad_rows: (row losses, stats) and, for each of `needs`
     (hidden, weight, bias), the fp32 gradient of the sum of the row losses. With grad_rows and the forward's stats
     (the recomputing backward): (None, None) and the fp32 gradients of sum(grad_rows * row losses)."""
     rows, vocab = h.shape[0], w.shape[0]
@@ -97,22 +121,14 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
     grad_b = accumulator((vocab,), **kw) if need_b else torch.empty(0, **kw)
     row_loss = None if backward else torch.empty((rows,), **kw)
     stats_out = None if backward else torch.empty((rows, 8), **kw)
-    fused = h.device.type == "cpu"  # kd_loss_fused (loss and gradient in one call) is a CPU kernel
+    fused = h.device.type == "cpu"  # kd_loss_fused / kd_topk_fused (loss and gradient in one call) are CPU kernels
     w_mm = _gemm_operand(w)
     tw_mm = _gemm_operand(tw) if tw is not None else None
     for r0, r1, x, s, t in chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
         lab = labels[r0:r1] if labels is not None else None
-        if backward:
-            g = torch.ops.fastdistill.kd_loss_backward(grad_rows[r0:r1], s, t, lab, stats[r0:r1], *kd_args)
-        elif not any(needs):
-            loss_c, stats_c = torch.ops.fastdistill.kd_loss_forward(s, t, lab, *kd_args)
-            g = None
-        elif fused:
-            loss_c, stats_c, g = torch.ops.fastdistill.kd_loss_fused(s, t, lab, *kd_args, 1.0)
-        else:
-            loss_c, stats_c = torch.ops.fastdistill.kd_loss_forward(s, t, lab, *kd_args)
-            ones = torch.ones((r1 - r0,), **kw)
-            g = torch.ops.fastdistill.kd_loss_backward(ones, s, t, lab, stats_c, *kd_args)
+        topk = (ti[r0:r1], tp[r0:r1]) if ti is not None else None
+        loss_c, stats_c, g = _chunk_kd(s, t, topk, lab, kd_args, backward, any(needs), fused,
+                                       grad_rows[r0:r1] if backward else None, stats[r0:r1] if backward else None)
         if not backward:
             row_loss[r0:r1] = loss_c
             stats_out[r0:r1] = stats_c
@@ -136,14 +152,16 @@ def _chunked(h, w, b, th, tw, tb, tl, labels, kd_args, chunk, needs, grad_rows=N
 @torch.library.custom_op("fastdistill::fused_linear_kd_forward", mutates_args=())
 def _forward_op(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                 teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
-                teacher_logits: Optional[Tensor], labels: Optional[Tensor], temperature: float, divergence: str,
-                beta: float, ignore_index: int, soft_coef: float, hard_weight: float, reduction: str, chunk_size: int,
+                teacher_logits: Optional[Tensor], teacher_indices: Optional[Tensor], teacher_logprobs: Optional[Tensor],
+                labels: Optional[Tensor], temperature: float, divergence: str, beta: float, ignore_index: int,
+                soft_coef: float, hard_weight: float, topk_tail: str, reduction: str, chunk_size: int,
                 grad_hidden: bool, grad_weight: bool, grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss as `reduction` reduces it, fp32 [] or [rows]; stats [rows, 8]; the fp32 gradients of the SUM of the row
     losses w.r.t. the 2-D student hidden, weight and bias, each computed only if its flag is set, else empty)."""
-    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight, topk_tail)
     row_loss, stats, gh, gw, gb = _chunked(student_hidden, student_weight, student_bias, teacher_hidden,
-                                           teacher_weight, teacher_bias, teacher_logits, labels, kd_args, chunk_size,
+                                           teacher_weight, teacher_bias, teacher_logits, teacher_indices,
+                                           teacher_logprobs, labels, kd_args, chunk_size,
                                            (grad_hidden, grad_weight, grad_bias))
     shape = (student_hidden.shape[0], student_weight.shape[0])
     loss = row_loss if reduction == "none" else _kd._reduce(row_loss, shape, labels, ignore_index, reduction)
@@ -152,8 +170,9 @@ def _forward_op(student_hidden: Tensor, student_weight: Tensor, student_bias: Op
 
 @_forward_op.register_fake
 def _forward_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  teacher_logits, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
-                  reduction, chunk_size, grad_hidden, grad_weight, grad_bias):
+                  teacher_logits, teacher_indices, teacher_logprobs, labels, temperature, divergence, beta,
+                  ignore_index, soft_coef, hard_weight, topk_tail, reduction, chunk_size, grad_hidden, grad_weight,
+                  grad_bias):
     rows = student_hidden.shape[0]
     new = lambda *shape: student_hidden.new_empty(shape, dtype=_F32)  # noqa: E731
     loss = new(rows) if reduction == "none" else new()
@@ -169,40 +188,43 @@ def _grads_fake(h, w, grad_hidden, grad_weight, grad_bias):
 @torch.library.custom_op("fastdistill::fused_linear_kd_backward", mutates_args=())
 def _backward_op(grad_rows: Tensor, student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
-                 teacher_logits: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, temperature: float,
-                 divergence: str, beta: float, ignore_index: int, soft_coef: float, hard_weight: float,
+                 teacher_logits: Optional[Tensor], teacher_indices: Optional[Tensor],
+                 teacher_logprobs: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, temperature: float,
+                 divergence: str, beta: float, ignore_index: int, soft_coef: float, hard_weight: float, topk_tail: str,
                  chunk_size: int, grad_hidden: bool, grad_weight: bool,
                  grad_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The fp32 gradients of sum(grad_rows * row losses), recomputing each chunk's logits (empty where not asked)."""
-    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)
+    kd_args = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight, topk_tail)
     _, _, gh, gw, gb = _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                teacher_bias, teacher_logits, labels, kd_args, chunk_size,
+                                teacher_bias, teacher_logits, teacher_indices, teacher_logprobs, labels, kd_args,
+                                chunk_size,
                                 (grad_hidden, grad_weight, grad_bias), grad_rows=grad_rows, stats=stats)
     return gh, gw, gb
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_rows, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                   teacher_bias, teacher_logits, labels, stats, temperature, divergence, beta, ignore_index, soft_coef,
-                   hard_weight, chunk_size, grad_hidden, grad_weight, grad_bias):
+                   teacher_bias, teacher_logits, teacher_indices, teacher_logprobs, labels, stats, temperature,
+                   divergence, beta, ignore_index, soft_coef, hard_weight, topk_tail, chunk_size, grad_hidden,
+                   grad_weight, grad_bias):
     return _grads_fake(student_hidden, student_weight, grad_hidden, grad_weight, grad_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    h, w, b, th, tw, tb, tl, labels = inputs[:8]
-    ctx.kd_args = inputs[8:14]
-    ctx.reduction, ctx.chunk_size = inputs[14], inputs[15]
-    ctx.save_for_backward(h, w, b, th, tw, tb, tl, labels, output[1])
+    h, w, b, th, tw, tb, tl, ti, tp, labels = inputs[:10]
+    ctx.kd_args = inputs[10:17]  # temperature ... hard_weight, topk_tail
+    ctx.reduction, ctx.chunk_size = inputs[17], inputs[18]
+    ctx.save_for_backward(h, w, b, th, tw, tb, tl, ti, tp, labels, output[1])
     # Handed over to the first backward (a reference kept here would make autograd copy the weight gradient
     # instead of taking it as .grad).
-    ctx.grads = output[2:] if any(inputs[16:19]) else None
-    ctx.precomputed = inputs[16:19]
+    ctx.grads = output[2:] if any(inputs[19:22]) else None
+    ctx.precomputed = inputs[19:22]
 
 
 def _input_grads(ctx, grad_loss, in_place):
     """The gradients for (hidden, weight, bias): the forward's, scaled by grad_output (in place in eager training,
     where nothing else holds them), or, for reduction="none" and a second backward, recomputed chunk by chunk."""
-    h, w, b, th, tw, tb, tl, labels, stats = ctx.saved_tensors
+    h, w, b, th, tw, tb, tl, ti, tp, labels, stats = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     grads, ctx.grads = ctx.grads, None
     if grads is not None and not all(done or not need for done, need in zip(ctx.precomputed, needs)):
@@ -214,9 +236,9 @@ def _input_grads(ctx, grad_loss, in_place):
         grads = [(g.mul_(scale) if in_place else g * scale) if need else None for g, need in zip(grads, needs)]
     else:
         grad_rows = grad_loss.reshape(-1) if ctx.reduction == "none" else (grad_loss / div).expand(h.shape[0])
-        grads = _backward_op(grad_rows.to(_F32).contiguous(), h, w, b, th, tw, tb, tl, labels, stats, *ctx.kd_args,
-                             ctx.chunk_size, *needs)
-    return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, (h, w, b), needs)) + (None,) * 16
+        grads = _backward_op(grad_rows.to(_F32).contiguous(), h, w, b, th, tw, tb, tl, ti, tp, labels, stats,
+                             *ctx.kd_args, ctx.chunk_size, *needs)
+    return tuple(g.to(x.dtype) if need else None for g, x, need in zip(grads, (h, w, b), needs)) + (None,) * 19
 
 
 def _backward(ctx, grad_loss, *_):
@@ -257,6 +279,7 @@ def _eager_training(x: Tensor) -> bool:
 # ---------------------------------------------------------------- public API
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                          teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
+                         teacher_topk: Optional[Tuple[Tensor, Tensor]] = None, topk_tail: str = "bucket",
                          student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                          chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
                          beta: float = 0.5, reduction: str = "batchmean", labels: Optional[Tensor] = None,
@@ -265,7 +288,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     """kd_loss(F.linear(student_hidden, student_weight, student_bias), teacher, ...) without the logits.
 
     The teacher comes in one form: its hidden states [..., Ht] and head `teacher_weight` [V, Ht] (optional
-    `teacher_bias`), where Ht may differ from the student's H; or precomputed `teacher_logits` [..., V]. Every other
+    `teacher_bias`), where Ht may differ from the student's H; precomputed `teacher_logits` [..., V]; or
+    `teacher_topk` = (indices, logprobs) [..., k] with `topk_tail`, as for :func:`fastdistill.kd_loss`. Every other
     keyword means what it means for :func:`fastdistill.kd_loss`. The logits are computed `chunk_size` rows at a time
     (default: :func:`default_chunk_size`), in fp32 whatever the inputs' dtype. Gradients go to the student's hidden
     states, weight and bias (those that require grad, each in its own dtype); the teacher never gets one.
@@ -287,25 +311,29 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
     kd = (t, divergence, float(beta), int(ignore_index), soft_coef, float(hard_weight))
     if process_group is not None:
+        if teacher_topk is not None:
+            raise NotImplementedError(f"{_OP}: teacher_topk with a process_group (vocab-parallel) is not supported "
+                                      "yet; pass the teacher's hidden states and head shard, or its logits shard")
         return _vocab_parallel(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                                student_bias, teacher_bias, labels, chunk_size, kd, reduction, process_group)
-    rows, lead, chunk, th, tw, tb, tl, labels = _prepare(student_hidden, student_weight, teacher_hidden,
-                                                        teacher_weight, teacher_logits, student_bias, teacher_bias,
-                                                        labels, chunk_size, sharded=False)
-    _ext.require("kd_loss_forward", student_hidden.device)
+    rows, lead, chunk, th, tw, tb, tl, ti, tp, labels = _prepare(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
+        labels, chunk_size, sharded=False, teacher_topk=teacher_topk)
+    _ext.require("kd_loss_forward" if teacher_topk is None else "kd_topk_forward", student_hidden.device)
     # The gradients are computed in the forward when one scalar grad_output will scale them all.
     grad_on = torch.is_grad_enabled() and reduction != "none"
     precompute = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
     args = (student_hidden.reshape(rows, student_hidden.shape[-1]), student_weight, student_bias, th, tw, tb, tl,
-            labels, *kd, reduction, chunk, *precompute)
+            ti, tp, labels, *kd, str(topk_tail), reduction, chunk, *precompute)
     loss = _EagerTraining.apply(*args) if any(precompute) and _eager_training(student_hidden) else _forward_op(*args)[0]
     return loss.view(lead) if reduction == "none" else loss
 
 
 def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias,
-             teacher_bias, labels, chunk_size, sharded):
+             teacher_bias, labels, chunk_size, sharded, teacher_topk=None):
     """The checked inputs as 2-D rows: (rows, leading shape, chunk, teacher hidden, teacher weight, teacher bias,
-    teacher logits, labels). `sharded`: the vocabulary widths are vocabulary shards, which the ranks check together."""
+    teacher logits, top-k indices, top-k logprobs, labels). `sharded`: the vocabulary widths are vocabulary shards,
+    which the ranks check together."""
     if student_hidden.dim() < 1 or student_weight.dim() != 2:
         raise ValueError(f"{_OP}: student_hidden must be [..., H] and student_weight [V, H], got "
                          f"{list(student_hidden.shape)} and {list(student_weight.shape)}")
@@ -316,11 +344,23 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, tea
                          f"{list(student_weight.shape)} (expected [V, {hidden}])")
     _check_bias(student_bias, vocab, "student")
     from_hidden = teacher_hidden is not None or teacher_weight is not None
-    if from_hidden == (teacher_logits is not None):
-        raise ValueError(f"{_OP}: give the teacher in exactly one form: teacher_hidden and teacher_weight, or "
-                         f"teacher_logits (got {'both' if from_hidden else 'neither'})")
+    forms = int(from_hidden) + int(teacher_logits is not None) + int(teacher_topk is not None)
+    if forms != 1:
+        raise ValueError(f"{_OP}: give the teacher in exactly one form: teacher_hidden and teacher_weight, "
+                         f"teacher_logits, or teacher_topk (got {('neither', None, 'both', 'all three')[forms]})")
     rows = student_hidden.numel() // hidden if hidden else 0
-    if from_hidden:
+    teacher_indices = teacher_logprobs = None
+    if teacher_topk is not None:
+        if teacher_bias is not None:
+            raise ValueError(f"{_OP}: teacher_bias goes with teacher_weight, not with teacher_topk")
+        teacher_indices, teacher_logprobs = _kd._topk_pair(None, teacher_topk)
+        if teacher_indices.shape[:-1] != lead or teacher_logprobs.shape != teacher_indices.shape:
+            raise ValueError(f"{_OP}: teacher_topk indices and logprobs must both be (..., k) with the student's "
+                             f"leading shape {list(lead)}, got {list(teacher_indices.shape)} and "
+                             f"{list(teacher_logprobs.shape)}")
+        k = teacher_indices.shape[-1]
+        teacher_indices, teacher_logprobs = teacher_indices.reshape(rows, k), teacher_logprobs.reshape(rows, k)
+    elif from_hidden:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError(f"{_OP}: teacher_hidden and teacher_weight go together (got only one)")
         if teacher_weight.dim() != 2 or teacher_hidden.shape[-1:] != teacher_weight.shape[1:]:
@@ -356,7 +396,8 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, tea
     chunk = default_chunk_size(vocab, hidden) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
-    return rows, lead, chunk, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, labels
+    return (rows, lead, chunk, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_indices,
+            teacher_logprobs, labels)
 
 
 def _vocab_parallel(h, w, th, tw, tl, b, tb, labels, chunk_size, kd, reduction, group):
@@ -370,7 +411,7 @@ def _vocab_parallel(h, w, th, tw, tl, b, tb, labels, chunk_size, kd, reduction, 
             raise ValueError(f"{_OP}: hard_weight={kd[5]} needs labels (got labels=None)")
     except ValueError as exc:
         error = str(exc)
-    rows, lead, chunk, th, tw, tb, tl, labels = prepared or (0, None, 0, None, None, None, None, None)
+    rows, lead, chunk, th, tw, tb, tl, _, _, labels = prepared or (0, None, 0, None, None, None, None, None, None, None)
     t_width = (tw.shape[0] if tw is not None else tl.shape[-1]) if prepared else 0
     start, end, vocab = distributed.agree_on_shards(_OP, group, h.device, error, rows,
                                                     w.shape[0] if w.dim() == 2 else 0, t_width, labels, kd[3])
@@ -408,17 +449,18 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, chunk_size: Optional[int] = None, temperature: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None):
+                 hard_weight: float = 0.0, scale_by_t2: bool = True, topk_tail: str = "bucket", process_group=None):
         super().__init__()
         self.kwargs = dict(chunk_size=chunk_size, temperature=temperature, divergence=divergence, beta=beta,
                            reduction=reduction, ignore_index=ignore_index, soft_weight=soft_weight,
-                           hard_weight=hard_weight, scale_by_t2=scale_by_t2, process_group=process_group)
+                           hard_weight=hard_weight, scale_by_t2=scale_by_t2, topk_tail=topk_tail,
+                           process_group=process_group)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
-                teacher_logits=None, labels=None, student_bias=None, teacher_bias=None):
+                teacher_logits=None, teacher_topk=None, labels=None, student_bias=None, teacher_bias=None):
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                    teacher_logits=teacher_logits, labels=labels, student_bias=student_bias,
-                                    teacher_bias=teacher_bias, **self.kwargs)
+                                    teacher_logits=teacher_logits, teacher_topk=teacher_topk, labels=labels,
+                                    student_bias=student_bias, teacher_bias=teacher_bias, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -3,16 +3,17 @@ import math
 
 import torch
 
-from fastdistill import ops
+from fastdistill import _ext, ops
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-            divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "batchmean",
-            labels: torch.Tensor = None, ignore_index: int = -100, soft_weight: float = 1.0,
-            hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor = None, *, teacher_topk=None,
+            topk_tail: str = "bucket", temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
+            reduction: str = "batchmean", labels: torch.Tensor = None, ignore_index: int = -100,
+            soft_weight: float = 1.0, hard_weight: float = 0.0, scale_by_t2: bool = True,
+            process_group=None) -> torch.Tensor:
     """Distillation loss between logits of shape (..., V); the leading dims are rows.
 
     With p = softmax(teacher / T) and q = softmax(student / T):
@@ -30,6 +31,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     The loss is returned in float32 whatever the logits' dtype (as autocast does for losses);
     only the student receives a gradient, in its own dtype.
 
+    The teacher comes as ``teacher_logits`` (..., V) or as ``teacher_topk = (indices, logprobs)``, both (..., k):
+    the teacher's log-probabilities at the temperature of k tokens per row (-inf marks an unused slot; the used
+    indices of a row are distinct). ``topk_tail="bucket"`` compares k+1 outcomes, the used tokens and one tail
+    (p_tail = max(0, 1 - sum p), q_tail = the student's probability outside them); ``"renormalize"`` (forward_kl
+    only) is KL(p / sum p || q) over the used tokens, q the student's full softmax.
+
     ``process_group``: vocab-parallel logits (fastdistill.distributed). Each rank passes its shard (..., V_r) of
     student and teacher logits, split along the vocabulary over the group's ranks in rank order by
     torch.tensor_split's rule, the same rows and the same global ``labels``; every rank gets the loss of the whole
@@ -40,17 +47,37 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     t = float(temperature)
     soft_coef = float(soft_weight) * (t * t if scale_by_t2 else 1.0)
     if process_group is not None:
+        if teacher_topk is not None:
+            raise NotImplementedError("fastdistill.kd_loss: teacher_topk with a process_group (vocab-parallel) is not "
+                                      "supported yet; pass dense teacher logits shards")
         from fastdistill import distributed
         return distributed.kd_loss_vocab_parallel(
             student_logits, teacher_logits, labels, temperature=t, divergence=divergence, beta=float(beta),
             ignore_index=int(ignore_index), soft_coef=soft_coef, hard_weight=float(hard_weight), reduction=reduction,
             group=process_group)
-    args = (student_logits, teacher_logits, labels, t, divergence, float(beta), int(ignore_index), soft_coef,
-            float(hard_weight))
+    params = (t, divergence, float(beta), int(ignore_index), soft_coef, float(hard_weight))
+    if teacher_topk is not None or teacher_logits is None:
+        teacher, params = _topk_pair(teacher_logits, teacher_topk), params + (topk_tail,)
+        forward, fused, backward = ops.kd_topk_forward, "kd_topk_fused", "kd_topk_backward"
+    else:
+        teacher, forward, fused, backward = (teacher_logits,), ops.kd_loss_forward, "kd_loss_fused", "kd_loss_backward"
     if _fused_applies(student_logits):
-        return _FusedKDLoss.apply(*args, reduction)
-    row_loss, _ = ops.kd_loss_forward(*args)
+        return _FusedKDLoss.apply(student_logits, labels, teacher, params, reduction, fused, backward)
+    row_loss, _ = forward(student_logits, *teacher, labels, *params)
     return _reduce(row_loss, student_logits.shape, labels, ignore_index, reduction)
+
+
+def _topk_pair(teacher_logits, teacher_topk):
+    """(indices, logprobs) of a top-k teacher given as the only teacher."""
+    if teacher_logits is not None:
+        raise ValueError("fastdistill.kd_loss: give the teacher as teacher_logits or teacher_topk, not both")
+    if teacher_topk is None:
+        raise ValueError("fastdistill.kd_loss: no teacher: give teacher_logits or teacher_topk")
+    if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2
+            and all(isinstance(x, torch.Tensor) for x in teacher_topk)):
+        raise TypeError("fastdistill.kd_loss: teacher_topk must be a pair of tensors (indices, logprobs)")
+    indices, logprobs = teacher_topk
+    return indices.detach(), logprobs.detach()
 
 
 def _reduce(row_loss, logits_shape, labels, ignore_index, reduction):
@@ -103,23 +130,26 @@ class _FusedKDLoss(torch.autograd.Function):
     one and a power-of-2 scale such as 1 / accumulation steps); no second logits-sized tensor exists."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef,
-                hard_weight, reduction):
+    def forward(ctx, student, labels, teacher, params, reduction, fused_op, backward_op):
+        """teacher: the teacher tensors of the ops (teacher_logits,) or (indices, logprobs); params: their scalar
+        arguments after labels; fused_op / backward_op: kd_loss_fused and kd_loss_backward, or the kd_topk ones."""
+        ignore_index = params[3]
         grad_scale = 1.0 if reduction in ("sum", "none") else 1.0 / float(_divisor(student.shape, labels,
                                                                                      ignore_index, reduction))
-        row_loss, stats, grad = ops.kd_loss_fused(student, teacher, labels, temperature, divergence, beta,
-                                                  ignore_index, soft_coef, hard_weight, grad_scale)
-        ctx.save_for_backward(student, teacher, labels, stats)
-        ctx.params = (temperature, divergence, beta, ignore_index, soft_coef, hard_weight)  # kd_loss_backward's
+        _ext.require(fused_op, student.device)
+        row_loss, stats, grad = getattr(torch.ops.fastdistill, fused_op)(student, *teacher, labels, *params,
+                                                                         grad_scale)
+        ctx.save_for_backward(student, labels, stats, *teacher)
+        ctx.params, ctx.backward_op = params, backward_op
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.grad = grad
         return _reduce(row_loss, student.shape, labels, ignore_index, reduction)  # as the two-op path, bit for bit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        student, teacher, labels, stats = ctx.saved_tensors
+        student, labels, stats, *teacher = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # the precomputed gradient is handed over once
-        none = (None,) * 9
+        none = (None,) * 6
         if grad is not None and not torch.is_grad_enabled():
             g = grad_loss.reshape(grad.shape[:-1] + (1,)) if ctx.reduction == "none" else grad_loss
             if bool((g == 1).all()):  # a CPU tensor: no device sync
@@ -133,8 +163,8 @@ class _FusedKDLoss(torch.autograd.Function):
         divisor = 1 if ctx.reduction in ("sum", "none") else _divisor(student.shape, labels, ctx.ignore_index,
                                                                       ctx.reduction)
         grad_rows = _grad_rows(grad_loss, ops._rows(student), ctx.reduction, divisor)
-        grad = torch.ops.fastdistill.kd_loss_backward(grad_rows.contiguous(), student, teacher, labels, stats,
-                                                      *ctx.params)
+        grad = getattr(torch.ops.fastdistill, ctx.backward_op)(grad_rows.contiguous(), student, *teacher, labels,
+                                                               stats, *ctx.params)
         return (grad,) + none
 
 
@@ -143,14 +173,14 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
                  reduction: str = "batchmean", ignore_index: int = -100, soft_weight: float = 1.0,
-                 hard_weight: float = 0.0, scale_by_t2: bool = True, process_group=None):
+                 hard_weight: float = 0.0, scale_by_t2: bool = True, topk_tail: str = "bucket", process_group=None):
         super().__init__()
         self.kwargs = dict(temperature=temperature, divergence=divergence, beta=beta, reduction=reduction,
                            ignore_index=ignore_index, soft_weight=soft_weight, hard_weight=hard_weight,
-                           scale_by_t2=scale_by_t2, process_group=process_group)
+                           scale_by_t2=scale_by_t2, topk_tail=topk_tail, process_group=process_group)
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return kd_loss(student_logits, teacher_logits, labels=labels, **self.kwargs)
+    def forward(self, student_logits, teacher_logits=None, labels=None, *, teacher_topk=None):
+        return kd_loss(student_logits, teacher_logits, teacher_topk=teacher_topk, labels=labels, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

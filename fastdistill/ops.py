@@ -70,14 +70,53 @@ if _lib_loaded:
         "fastdistill::kd_loss_backward", _kd_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def kd_loss_fused(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight,
-                  grad_scale):
-    """(row losses, stats, d loss / d student when d loss / d row_loss = grad_scale for every row) in one call;
-    no autograd of its own (fastdistill.loss wraps it)."""
-    _ext.require("kd_loss_fused", student.device)
-    return torch.ops.fastdistill.kd_loss_fused(
-        student, teacher, labels, float(temperature), divergence, float(beta), int(ignore_index),
-        float(soft_coef), float(hard_weight), float(grad_scale))
+# ---------------------------------------------------------------- distillation loss, top-k teacher
+def kd_topk_forward(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index, soft_coef,
+                    hard_weight, tail):
+    _ext.require("kd_topk_forward", student.device)
+    return torch.ops.fastdistill.kd_topk_forward(
+        student, indices, logprobs, labels, float(temperature), divergence, float(beta), int(ignore_index),
+        float(soft_coef), float(hard_weight), tail)
+
+
+if _lib_loaded:
+
+    @torch.library.register_fake("fastdistill::kd_topk_forward")
+    def _kd_topk_forward_fake(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index,
+                              soft_coef, hard_weight, tail):
+        rows = _rows(student)
+        return (student.new_empty((rows,), dtype=torch.float32),
+                student.new_empty((rows, 8), dtype=torch.float32))
+
+    @torch.library.register_fake("fastdistill::kd_topk_backward")
+    def _kd_topk_backward_fake(grad_rows, student, indices, logprobs, labels, stats, temperature, divergence, beta,
+                               ignore_index, soft_coef, hard_weight, tail):
+        return student.new_empty(student.shape)
+
+    @torch.library.register_fake("fastdistill::kd_topk_fused")
+    def _kd_topk_fused_fake(student, indices, logprobs, labels, temperature, divergence, beta, ignore_index,
+                            soft_coef, hard_weight, tail, grad_scale):
+        loss, stats = _kd_topk_forward_fake(student, indices, logprobs, labels, temperature, divergence, beta,
+                                            ignore_index, soft_coef, hard_weight, tail)
+        return loss, stats, student.new_empty(student.shape)
+
+    def _kd_topk_setup_context(ctx, inputs, output):
+        student, indices, logprobs, labels, *params = inputs
+        ctx.save_for_backward(student, indices, logprobs, labels, output[1])
+        ctx.params = params
+
+    def _kd_topk_backward(ctx, grad_rows, _grad_stats):
+        student, indices, logprobs, labels, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastdistill.kd_topk_backward(
+                grad_rows.contiguous(), student, indices, logprobs, labels, stats, *ctx.params)
+        return (grad,) + (None,) * 10
+
+    torch.library.register_autograd(
+        "fastdistill::kd_topk_forward", _kd_topk_backward, setup_context=_kd_topk_setup_context)
+    torch.library.register_autograd(
+        "fastdistill::kd_topk_backward", _kd_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def kd_loss_partial(student, teacher, labels, temperature, divergence, beta, ignore_index, soft_coef, hard_weight):

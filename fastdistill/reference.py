@@ -19,6 +19,11 @@ def kd_divergence_reference(student, teacher, temperature=1.0, divergence="forwa
     """Per-row divergence (no T^2 scaling) between softmax(teacher/T) and softmax(student/T)."""
     log_q = F.log_softmax(student / temperature, dim=-1)
     log_p = F.log_softmax(teacher / temperature, dim=-1)
+    return _divergence_of_logs(log_p, log_q, divergence, beta)
+
+
+def _divergence_of_logs(log_p, log_q, divergence, beta):
+    """Per-row divergence between two distributions given by their log-probabilities over the last dim."""
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
         return _kl(log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
@@ -48,8 +53,52 @@ def kd_loss_reference(student, teacher, *, temperature=1.0, divergence="forward_
                       hard_weight=0.0, scale_by_t2=True):
     """The whole kd_loss, written the obvious way (materialises several vocab-sized tensors)."""
     teacher = teacher.to(student.dtype)
+    divergence_rows = kd_divergence_reference(student, teacher, temperature, divergence, beta)
+    return _total_reference(divergence_rows, student, temperature, reduction, labels, ignore_index, soft_weight,
+                            hard_weight, scale_by_t2)
+
+
+def kd_topk_divergence_reference(student, indices, logprobs, temperature=1.0, divergence="forward_kl", beta=0.5,
+                                 tail="bucket"):
+    """Per-row divergence against a top-k teacher (fastdistill.kd_loss's teacher_topk), over its outcomes: the used
+    slots (logprob > -inf) and, for tail="bucket", one tail outcome unless the used tokens cover the vocabulary."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    lp = logprobs.to(log_q.dtype)
+    used = lp > float("-inf")
+    idx = torch.where(used, indices.long(), torch.zeros_like(indices, dtype=torch.long))
+    neg_inf = torch.full_like(lp, float("-inf"))
+    lq_used = torch.where(used, log_q.gather(-1, idx), neg_inf)
+    lp = torch.where(used, lp, neg_inf)
+    if tail == "renormalize":
+        lp_hat = lp - torch.logsumexp(lp, -1, keepdim=True)
+        lp_hat = torch.where(used, lp_hat, neg_inf)  # a row without a used slot: no outcome, divergence 0
+        return _divergence_of_logs(lp_hat, lq_used, divergence, beta)
+    in_used = torch.zeros_like(log_q).scatter_add(-1, idx, used.to(log_q.dtype)) > 0
+    has_tail = ~in_used.all(-1, keepdim=True)
+    # q_tail as a sum over the tail (rows without one sum everything, then drop it: no -inf-only logsumexp)
+    lq_tail = torch.logsumexp(torch.where(in_used & has_tail, float("-inf"), log_q), -1, keepdim=True)
+    p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0)
+    row_neg_inf = torch.full_like(lq_tail, float("-inf"))
+    log_p = torch.cat([lp, torch.where(has_tail, p_tail.log(), row_neg_inf)], -1)
+    log_q_out = torch.cat([lq_used, torch.where(has_tail, lq_tail, row_neg_inf)], -1)
+    return _divergence_of_logs(log_p, log_q_out, divergence, beta)
+
+
+def kd_topk_loss_reference(student, indices, logprobs, *, topk_tail="bucket", temperature=1.0,
+                           divergence="forward_kl", beta=0.5, reduction="batchmean", labels=None, ignore_index=-100,
+                           soft_weight=1.0, hard_weight=0.0, scale_by_t2=True):
+    """The whole kd_loss with teacher_topk=(indices, logprobs), written the obvious way."""
+    divergence_rows = kd_topk_divergence_reference(student, indices, logprobs, temperature, divergence, beta,
+                                                   topk_tail)
+    return _total_reference(divergence_rows, student, temperature, reduction, labels, ignore_index, soft_weight,
+                            hard_weight, scale_by_t2)
+
+
+def _total_reference(divergence_rows, student, temperature, reduction, labels, ignore_index, soft_weight,
+                     hard_weight, scale_by_t2):
+    """kd_loss's total from per-row divergences: weights, the hard term, ignored rows, the reduction."""
     t2 = temperature * temperature if scale_by_t2 else 1.0
-    rows = soft_weight * t2 * kd_divergence_reference(student, teacher, temperature, divergence, beta)
+    rows = soft_weight * t2 * divergence_rows
     counted = torch.ones_like(rows, dtype=torch.bool)
     if labels is not None:
         counted = labels != ignore_index

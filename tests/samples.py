@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from fastdistill.reference import (compressed_2_4_sample, int8_linear_reference, int8_weight_only_linear_reference,
-                                   kd_loss_reference, quantize_symmetric_reference, sparse24_linear_reference)
+                                   kd_loss_reference, kd_topk_loss_reference, quantize_symmetric_reference,
+                                   sparse24_linear_reference)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -117,6 +118,78 @@ def check_kd_loss_fused(out, args):
     loss, stats, grad = out
     check_kd_loss_forward((loss, stats), args)
     _check_kd_grad(grad, args, torch.full((args[0].shape[0],), GRAD_SCALE), "kd_loss_fused")
+
+
+# ------------------------------------------------------------------------------- kd_loss, top-k teacher
+TOPK_CASES = [  # rows, V, k, divergence, beta, temperature, hard_weight, with labels, tail
+    (1, 1, 1, "forward_kl", 0.5, 1.0, 0.0, False, "bucket"),
+    (3, 127, 5, "forward_kl", 0.5, 2.0, 0.5, True, "bucket"),
+    (4, 33, 33, "reverse_kl", 0.5, 1.0, 0.0, False, "bucket"),  # every token: no tail
+    (2, 1003, 40, "jsd", 0.3, 3.0, 1.0, True, "bucket"),
+    (3, 301, 9, "forward_kl", 0.5, 1.5, 0.3, True, "renormalize"),
+]
+
+
+def _topk_samples() -> List[Sample]:
+    out = []
+    for sdt in FLOAT_DTYPES:
+        for rows, V, k, div, beta, T, hw, with_labels, tail in TOPK_CASES:
+            s, t = _randn(rows, V, dtype=sdt, scale=3, seed=rows), _randn(rows, V, scale=3, seed=V)
+            lp, idx = torch.log_softmax(t / T, -1).topk(k, -1)
+            if k > 1:
+                lp[0, -1] = float("-inf")  # an unused slot
+            labels = None
+            if with_labels:
+                labels = torch.randint(0, V, (rows,), generator=torch.Generator().manual_seed(1))
+                labels[0] = -100  # one ignored row
+            name = f"{str(sdt)[6:]}-{rows}x{V}-k{k}-{div}-{tail}"
+            out.append(Sample(name, (s, idx.to(torch.int32), lp.to(torch.bfloat16), labels, T, div, beta, -100,
+                                     T * T, hw, tail)))
+    return out
+
+
+def _topk_rows(args, dtype):
+    s, idx, lp, labels, T, div, beta, ignore, soft_coef, hw, tail = args
+    x = s.detach().to(dtype).requires_grad_()
+    rows = kd_topk_loss_reference(x, idx.cpu(), lp.to(dtype), topk_tail=tail, temperature=T, divergence=div,
+                                  beta=beta, reduction="none", labels=labels, ignore_index=ignore,
+                                  soft_weight=soft_coef / (T * T), hard_weight=hw)
+    return x, rows
+
+
+def check_kd_topk_forward(out, args):
+    loss, stats = out
+    assert loss.dtype == torch.float32 and stats.shape == (args[0].shape[0], 8)
+    ref64 = _topk_rows(args, torch.float64)[1].detach()
+    torch32 = _topk_rows(args, torch.float32)[1].detach()
+    assert_within_torch_error(loss, ref64, torch32, "kd_topk_forward", 1e-5 * (1 + ref64.abs().max().item()))
+
+
+def kd_topk_backward_args(ns, args):
+    s, idx, lp, labels, *params = args
+    stats = ns.kd_topk_forward(*args)[1]
+    return (_grad_rows(args).to(s.device), s, idx, lp, labels, stats, *params)
+
+
+def check_kd_topk_backward(grad, args, grad_rows=None):
+    s = args[0]
+    grad_rows = _grad_rows(args) if grad_rows is None else grad_rows
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+
+    def grad_in(dtype):
+        x, rows = _topk_rows(args, dtype)
+        rows.backward(grad_rows.to(dtype))
+        return x.grad
+
+    ref64, torch32 = grad_in(torch.float64), grad_in(torch.float32)
+    floor = torch.finfo(s.dtype).eps * ref64.abs().max().item() + 1e-6
+    assert_within_torch_error(grad, ref64, torch32, "kd_topk_backward", floor)
+
+
+def check_kd_topk_fused(out, args):
+    loss, stats, grad = out
+    check_kd_topk_forward((loss, stats), args)
+    check_kd_topk_backward(grad, args, torch.full((args[0].shape[0],), GRAD_SCALE))
 
 
 # --------------------------------------------------------------------------------------------- int8
@@ -237,6 +310,12 @@ OPS: Dict[str, OpSamples] = {
     "kd_loss_backward": OpSamples(_kd_samples, check_kd_loss_backward, op_args=kd_backward_args,
                                   opcheck_utils=("test_schema", "test_autograd_registration", "test_faketensor")),
     "kd_loss_fused": OpSamples(_kd_samples, check_kd_loss_fused, op_args=lambda ns, args: (*args, GRAD_SCALE),
+                               simt=False, opcheck_utils=("test_schema", "test_faketensor")),
+    "kd_topk_forward": OpSamples(_topk_samples, check_kd_topk_forward,
+                                 op_args=lambda ns, args: (args[0].detach().requires_grad_(), *args[1:])),
+    "kd_topk_backward": OpSamples(_topk_samples, check_kd_topk_backward, op_args=kd_topk_backward_args,
+                                  opcheck_utils=("test_schema", "test_autograd_registration", "test_faketensor")),
+    "kd_topk_fused": OpSamples(_topk_samples, check_kd_topk_fused, op_args=lambda ns, args: (*args, GRAD_SCALE),
                                simt=False, opcheck_utils=("test_schema", "test_faketensor")),
     "quantize_per_token": OpSamples(_x_samples, check_quantize),
     "quantize_per_channel": OpSamples(lambda: [s for s in _x_samples() if s.args[0].dim() == 2], check_quantize),

@@ -262,8 +262,10 @@ def test_opcheck():
     h, w, b, t = problem(9, 12, 37, bias=True)
     labels = torch.tensor([1, 2, -100, 4, 36, 0, 5, 6, 7])
     x, wx, bx = (v.clone().requires_grad_() for v in (h, w, b))
-    params = (2.0, "jsd", 0.4, -100, 4.0, 0.5)
-    for teacher in ((t["teacher_hidden"], t["teacher_weight"], None, None), (None, None, None, randn((9, 37)))):
+    params = (2.0, "jsd", 0.4, -100, 4.0, 0.5, "bucket")
+    lp, idx = torch.log_softmax(randn((9, 37)), -1).topk(5, -1)
+    for teacher in ((t["teacher_hidden"], t["teacher_weight"], None, None, None, None),
+                    (None, None, None, randn((9, 37)), None, None), (None, None, None, None, idx, lp)):
         for reduction, precompute in [("batchmean", (True, True, True)), ("sum", (True, False, True)),
                                       ("none", (False, False, False)), ("mean", (False, False, False))]:
             args = (x, wx, bx, *teacher, labels, *params, reduction, 4, *precompute)

@@ -5,6 +5,7 @@ that each one launched."""
 KERNELS = {
     "kd_loss": ["kd_forward_kernel", "kd_forward_merge_kernel", "kd_jsd_kernel", "kd_jsd_merge_kernel",
                 "kd_backward_kernel"],
+    "kd_topk": ["kd_topk_forward_kernel", "kd_topk_backward_kernel"],
     "int8": ["quantize_rows_kernel", "int8_gemv_kernel", "to_f32_padded_kernel", "int8_wo_gemv_kernel",
              "int8_dequant_epilogue_kernel"],
     "sparse24": ["sparse24_gemv_kernel", "sparse24_decompress_kernel"],

@@ -37,15 +37,6 @@ void parallel_tasks(int64_t n, int64_t grain, const F& f) {
   });
 }
 
-void check_labels(const KdLossParams& p) {
-  if (!p.labels) return;
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const int64_t l = p.labels[r];
-    TORCH_CHECK(l == p.ignore_index || (l >= 0 && l < p.vocab), "fastdistill.kd_loss: labels must be in [0, ",
-                p.vocab, ") or ignore_index (", p.ignore_index, "), got ", l, " at row ", r);
-  }
-}
-
 // Finishes one row from its merged softmax state (and, for JSD, the second-pass sums).
 void finish_row(const KdLossParams& p, int64_t r, KdRowGrad lse, float sum_p, float sum_q, const KdPartial& st,
                 float* loss, float* stats) {
@@ -202,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor& student, co
   KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                                  soft_coef, hard_weight);
   const KdLossParams& p = args.params;
-  check_labels(p);
+  kd_check_labels(p);
   auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({p.rows}, f32), stats = at::empty({p.rows, kNumStats}, f32);
   forward_rows(p, loss.data_ptr<float>(), stats.data_ptr<float>(), nullptr, nullptr);
@@ -231,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fused(const at::Tensor& s
   KdLossArgs args = kd_loss_args(student, teacher, labels, temperature, std::string(divergence), beta, ignore_index,
                                  soft_coef, hard_weight);
   const KdLossParams& p = args.params;
-  check_labels(p);
+  kd_check_labels(p);
   TORCH_CHECK(std::isfinite(grad_scale), "fastdistill.kd_loss_fused: grad_scale must be finite, got ", grad_scale);
   const float grad_weight = float(grad_scale);
   auto f32 = student.options().dtype(at::kFloat);

@@ -124,6 +124,16 @@ inline KdLossArgs kd_loss_args(const at::Tensor& student, const at::Tensor& teac
   return a;
 }
 
+// Labels in [0, V) or ignore_index: a host-side check (CPU tensors; CUDA kernels assert on the device instead).
+inline void kd_check_labels(const KdLossParams& p) {
+  if (!p.labels) return;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t l = p.labels[r];
+    TORCH_CHECK(l == p.ignore_index || (l >= 0 && l < p.vocab), "fastdistill.kd_loss: labels must be in [0, ",
+                p.vocab, ") or ignore_index (", p.ignore_index, "), got ", l, " at row ", r);
+  }
+}
+
 // The backward's extra inputs: d loss / d row_loss and the forward's statistics.
 inline void kd_check_backward(const at::Tensor& grad_rows, const at::Tensor& stats, const KdLossParams& p,
                               const at::Device& dev) {

@@ -9,7 +9,7 @@ import torch
 
 from fastdistill.bench.common import Case
 from fastdistill.loss import kd_loss
-from fastdistill.reference import kd_jsd_eager, kd_loss_eager, kd_reverse_kl_eager
+from fastdistill.reference import kd_jsd_eager, kd_loss_eager, kd_reverse_kl_eager, kd_topk_loss_reference
 
 FULL_SHAPES = [(4096, 32000), (1024, 128256), (8192, 1000)]
 QUICK_SHAPES = [(512, 32000), (64, 128256), (1024, 1000)]
@@ -41,6 +41,26 @@ OTHER_DIVERGENCES = [
     ("kd_loss jsd fwd+bwd", "JSD beta=0.5, T=2, batchmean",
      lambda s, t: kd_loss(s, t, temperature=TEMPERATURE, divergence="jsd", beta=0.5), kd_jsd_eager),
 ]
+
+
+TOPK_K = 64  # a typical offline cache (DistillKit stores k = 50-128)
+
+
+def _topk_case(s, t, shape, name, logits_bytes):
+    """kd_loss against the teacher's top-k (bucket tail, forward KL) vs the dense kd_loss on the same student, and
+    the top-k formula in eager PyTorch and compiled."""
+    topk = torch.log_softmax(t.float() / TEMPERATURE, -1).topk(TOPK_K, -1)
+    idx, lp = topk.indices.to(torch.int32), topk.values.to(torch.float16)
+    ours = lambda s, _t: kd_loss(s, teacher_topk=(idx, lp), temperature=TEMPERATURE)  # noqa: E731
+    eager = lambda s, _t: kd_topk_loss_reference(s.float(), idx, lp.float(), temperature=TEMPERATURE)  # noqa: E731
+    compiled = torch.compile(kd_topk_loss_reference, dynamic=False)
+    return Case(
+        family="kd", op=f"kd_loss topk{TOPK_K} fwd+bwd", shape=shape, dtype=name, run=_forward_backward(ours, s, t),
+        baselines={"eager": _forward_backward(eager, s, t),
+                   "torch.compile": _forward_backward(
+                       lambda s, _t: compiled(s.float(), idx, lp.float(), temperature=TEMPERATURE), s, t),
+                   "dense kd_loss": _forward_backward(_fused, s, t)},
+        bytes=3 * logits_bytes, note=f"forward KL, bucket tail, k={TOPK_K} fp16 log-probs, T=2, batchmean")
 
 
 def _forward(fn, s, t):
@@ -83,6 +103,8 @@ def cases(quick: bool = False, device: str = "cpu"):
                     baselines={"eager": _forward_backward(eager, s, t),
                                "torch.compile": _forward_backward(_compiled_eager(formula), s, t)},
                     bytes=3 * logits_bytes, note=note))
+            if first_shape:
+                out.append(_topk_case(s, t, shape, name, logits_bytes))
             if first_shape:
                 # Masked columns underflow every exponential: on x86 each denormal result would cost a
                 # microcode assist unless the kernels flush them.

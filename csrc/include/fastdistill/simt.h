@@ -33,6 +33,8 @@
 // ============================================================================ real CUDA
 #include <cuda_runtime.h>
 
+#include <cassert>  // __assert_fail, which FD_KERNEL_ASSERT calls
+
 #define FD_DEVICE __device__ __forceinline__
 #define FD_KERNEL __global__
 // Checks an input that the host cannot see without a sync (labels). On a GPU it is the CUDA assert, not
@@ -468,6 +470,8 @@ template <class T>
 inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
 template <class T>
 inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
+template <class T>
+inline T atomicOr(T* p, T v) { static_assert(std::is_integral_v<T>, "CUDA has integer atomicOr only"); T old = *p; *p = old | v; return old; }
 
 inline int __dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i) c += int(int8_t(a >> (8 * i))) * int(int8_t(b >> (8 * i)));
