@@ -1,15 +1,20 @@
-"""Interchange with compressed-tensors (vLLM, llm-compressor).
+"""Interchange with compressed-tensors (vLLM, llm-compressor): save_compressed / load_compressed.
 
-int8 models in compressed-tensors' "int-quantized" W8A8 layout, which is fastdistill's dynamic scheme exactly
-(vLLM and llm-compressor read it): model.safetensors holds, for every Int8Linear `L`, `L.weight` int8 [out, in]
-and `L.weight_scale` fp32 [out, 1] (plus `L.bias`); config.json holds a `quantization_config` that says
-channel-wise symmetric 8-bit int weights and dynamic per-token symmetric 8-bit int input activations, targets
-"Linear", and names every other nn.Linear in `ignore`. Other parameters and buffers are stored as they are.
+int8 layers (Int8Linear, dynamic) in compressed-tensors' "int-quantized" W8A8 layout, which is fastdistill's dynamic
+scheme exactly: model.safetensors holds `L.weight` int8 [out, in] and `L.weight_scale` fp32 [out, 1] (plus
+`L.bias`); config.json's `quantization_config` says channel-wise symmetric 8-bit int weights and dynamic per-token
+symmetric 8-bit int input activations, targets "Linear" and names every other linear layer in `ignore`.
 
-2:4 weights: a converter between fastdistill's canonical (values, meta) and compressed-tensors' legacy
-"sparse-24-bitmask" tensors for one weight `L`: `L.compressed` [rows, cols/2] (the kept values, row by row in
-ascending column order: exactly our `values`), `L.bitmask` uint8 [rows, ceil(cols/8)] (1 = kept, column c in
-bit c % 8 of byte c // 8, little-endian bit order) and `L.shape` int64 [[rows], [cols]].
+2:4 layers (SparseLinear) in the legacy "sparse-24-bitmask" layout: `L.compressed` [rows, cols/2] (the kept values,
+row by row in ascending column order: exactly our `values`), `L.bitmask` uint8 [rows, ceil(cols/8)] (1 = kept,
+column c in bit c % 8 of byte c // 8, little-endian bit order) and `L.shape` int64 [[rows], [cols]], with a
+`sparsity_config` (format sparse-24-bitmask, structure 2:4, targets "Linear", ignore) inside quantization_config.
+
+2:4 + int8 layers (SparseInt8Linear): both, composed as compressed-tensors' ModelCompressor composed them (the
+quantization compressor first, then the sparsity compressor on the int8 weight): `L.compressed` holds the kept int8
+values, next to `L.bitmask`, `L.shape` and `L.weight_scale`. (compressed-tensors 0.15+ no longer ships the sparse
+compressors; it still defines the sparsity config and the bitmask packing, which the tests check against.)
+Other parameters and buffers are stored as they are.
 """
 import json
 import re
