@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a speedup chart (PNG) to this file")
-    from fastdistill.compress import DEFAULT_RECOVER_STEPS, METHODS, QUANTIZATIONS, SPARSITIES
+    from fastdistill.compress import DEFAULT_LR, DEFAULT_RECOVER_STEPS, METHODS, QUANTIZATIONS, SPARSITIES
 
     p = sub.add_parser("compress", help="prune 2:4, recover by distillation and quantize a pretrained sentence "
                                         "encoder; measure it against the dense model and save it")
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     p.add_argument("--calib", type=int, default=256, help="calibration sentences")
     p.add_argument("--eval", type=int, default=512, help="held-out sentences")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-5, help="recovery AdamW learning rate")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="recovery AdamW learning rate")
     p.add_argument("--latency-repeats", type=int, default=20)
     args = parser.parse_args(argv)
     {"info": info, "demo": demo, "bench": bench, "compress": compress}[args.command](args)

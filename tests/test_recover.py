@@ -34,9 +34,9 @@ def held_out_cosine(student, teacher, x):
         return F.cosine_similarity(student(x), teacher(x), dim=-1).mean().item()
 
 
-def embedding_loss_fp64(s, t, temperature, cosine_weight):
-    """The objective in plain fp64 PyTorch: KL(p || q) of the in-batch similarity rows (diagonal excluded), summed
-    over the row's entries and averaged over rows, plus the mean 1 - cosine."""
+def embedding_loss_fp64(s, t, temperature, similarity_weight):
+    """The objective in plain fp64 PyTorch: the mean 1 - cosine plus the weighted KL(p || q) of the in-batch
+    similarity rows (diagonal excluded), summed over the row's entries and averaged over rows."""
     s, t = s.double(), t.double()
 
     def rows(e):
@@ -48,14 +48,14 @@ def embedding_loss_fp64(s, t, temperature, cosine_weight):
     p, log_q = F.softmax(rows(t), -1), F.log_softmax(rows(s), -1)
     kl = (p * (p.log() - log_q)).sum(-1).mean()
     cos = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))
-    return kl + cosine_weight * (1 - cos).mean()
+    return (1 - cos).mean() + similarity_weight * kl
 
 
 @pytest.mark.parametrize("rows", [3, 7, 32])
 def test_embedding_loss_matches_fp64_formula(rows):
     s, t = torch.randn(rows, 20), torch.randn(rows, 20)
     s.requires_grad_()
-    loss = embedding_loss(s, t, temperature=0.05, cosine_weight=0.7)
+    loss = embedding_loss(s, t, temperature=0.05, similarity_weight=0.7)
     ref_s = s.detach().double().requires_grad_()
     ref = embedding_loss_fp64(ref_s, t, 0.05, 0.7)
     # fp32 against fp64: a few fp32 roundings of terms of size ~ |sim| / T
@@ -76,8 +76,8 @@ def test_similarity_logits_and_small_batches():
     # one or two rows: only the cosine term (a similarity row would have one entry or none)
     for b in (1, 2):
         s, t = torch.randn(b, 8), torch.randn(b, 8)
-        torch.testing.assert_close(embedding_loss(s, t, cosine_weight=2.0),
-                                   2.0 * (1 - F.cosine_similarity(s, t, dim=-1)).mean())
+        torch.testing.assert_close(embedding_loss(s, t, similarity_weight=2.0),
+                                   (1 - F.cosine_similarity(s, t, dim=-1)).mean())
 
 
 def test_recover_embeddings_keeps_masks_and_gets_closer():
@@ -188,6 +188,8 @@ def test_errors():
         fastdistill.recover(student, dense, batches, masks, steps=1, temperature=0)
     with raises("recover", "lr must be > 0, got 0"):
         fastdistill.recover(student, dense, batches, masks, steps=1, lr=0)
+    with raises("recover", "similarity_weight must be >= 0, got -1"):
+        fastdistill.recover(student, dense, batches, masks, steps=1, similarity_weight=-1)
     with raises("recover", "objective 'causal_lm' needs model.get_output_embeddings"):
         fastdistill.recover(student, dense, batches, masks, steps=1, objective="causal_lm")
     with raises("apply_2_4_masks", "masks names 'nope', which is not a module of the model"):
