@@ -41,7 +41,7 @@ SPARSITIES = ("2:4", "none")
 QUANTIZATIONS = ("int8", "none")
 # Linear layers under these module names are output heads (BERT's pooler, classifiers, lm_head): left dense.
 HEAD_NAMES = ("pooler", "lm_head", "classifier", "score", "qa_outputs")
-DEFAULT_RECOVER_STEPS = 200
+DEFAULT_RECOVER_STEPS = 100
 LATENCY_BATCHES = (1, 32)
 
 
