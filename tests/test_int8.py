@@ -291,7 +291,7 @@ def test_state_dict_roundtrip_bit_identical(tmp_path, fmt, mode):
         buf.seek(0)
         sd = torch.load(buf, weights_only=True)
     else:
-        safetensors = pytest.importorskip("safetensors.torch")
+        import safetensors.torch as safetensors
         path = tmp_path / "model.safetensors"
         safetensors.save_file(model.state_dict(), str(path))
         sd = safetensors.load_file(str(path))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import accelerate  # noqa: E402,F401  (transformers.Trainer needs it; the test extra installs both)
+import transformers  # noqa: E402,F401
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from fastdistill.integrations.transformers import DistillationTrainer  # noqa: E402

