@@ -1,6 +1,6 @@
 # make test  - create .venv if absent, install torch + build fastdistill, run the tests
 # make demo  - same setup, then run the end-to-end demo
-# make bench - same setup, then print the benchmark table
+# make bench - same setup and the peer runtimes, then print the kernel and the MiniLM benchmark tables
 # make gpu-check OUT=dir - on a GPU machine: build for sm_90, CUDA tests, sanitizers, GPU bench (benchmarks/gpu_check.sh)
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -29,7 +29,9 @@ demo: setup
 	$(VENV)/bin/fastdistill demo
 
 bench: setup
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,peers,minilm]"
 	$(VENV)/bin/fastdistill bench
+	$(VENV)/bin/fastdistill bench --model minilm
 
 gpu-check:  # the GPU machine's own python and torch; no setup (no registry there)
 	benchmarks/gpu_check.sh $(or $(OUT),$(error usage: make gpu-check OUT=dir))

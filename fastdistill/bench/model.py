@@ -141,7 +141,7 @@ def export_onnx(encoder: torch.nn.Module, path: Path, example: Tuple[torch.Tenso
     shapes into the graph)."""
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     with torch.no_grad():
-        torch.onnx.export(Encoder(encoder), example, str(path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(Encoder(encoder).eval(), example, str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], dynamo=True, verbose=False,
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
 
@@ -193,8 +193,8 @@ def _openvino_runner(onnx_path: Path, threads: int) -> Tuple[Runner, str]:
     def run(ids, mask):
         request.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
-    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-    return run, f"openvino {ov.__version__}, inference precision {precision}"
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return run, f"openvino {ov.__version__.split('-')[0]}, inference precision {precision}"
 
 
 def make_runner(key: str, encoder, workdir: Path, threads: int) -> Tuple[Runner, str]:
