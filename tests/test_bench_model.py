@@ -55,6 +55,10 @@ def test_every_row_runs(table):
     assert len(rows) == len(bench_model.ROWS)
     ort_int8 = next(line for line in rows if line.startswith("| onnxruntime int8 dynamic |")).split("|")
     assert ort_int8[5].strip() == ort_int8[7].strip() == "1.00"   # the baseline against itself
+    base, fd = table["results"]["ort-int8"], table["results"]["fd-int8"]
+    fd_line = next(line for line in rows if line.startswith("| fastdistill quantize_ (eager) |")).split("|")
+    assert fd_line[5].strip() == f"{base['bs1_ms_per_sentence'] / fd['bs1_ms_per_sentence']:.2f}"
+    assert fd_line[7].strip() == f"{fd['bs32_sentences_per_s'] / base['bs32_sentences_per_s']:.2f}"
 
 
 def test_json_written(tmp_path):
@@ -71,11 +75,14 @@ def test_fidelity_against_fp32(table):
     # ONNX Runtime fp32 runs the same graph: equal to rounding; every int8 row differs from fp32, so a cosine below 1
     # shows that the row's own embeddings were compared.
     assert bench_model.fidelity(results["ort"]["embeddings"], reference)[0] > 1 - 1e-6
-    for key in ("ort-int8", "fd-int8", "fd-int8-compile", "fd-24-int8"):
+    for key, lowest in (("ort-int8", 0.99), ("fd-int8", 0.99), ("fd-int8-compile", 0.99), ("fd-24-int8", 0.5)):
         cos, _ = bench_model.fidelity(results[key]["embeddings"], reference)
-        assert 0.5 < cos < 1 - 1e-7, key
-    # compiled and eager fastdistill int8 run the same kernels
-    assert torch.allclose(results["fd-int8-compile"]["embeddings"], results["fd-int8"]["embeddings"], atol=1e-4)
+        assert lowest < cos < 1 - 1e-5, key
+    # compiled and eager fastdistill int8 run the same kernels: far closer to each other than to fp32 (not bitwise:
+    # inductor reorders the fp32 sums of LayerNorm, and that can move an activation across an int8 rounding step)
+    compiled_to_eager, _ = bench_model.fidelity(results["fd-int8-compile"]["embeddings"], results["fd-int8"]["embeddings"])
+    int8_to_fp32, _ = bench_model.fidelity(results["fd-int8"]["embeddings"], reference)
+    assert 1 - compiled_to_eager < (1 - int8_to_fp32) / 10
 
 
 def test_planted_wrong_row_is_caught(table, tmp_path):
