@@ -1,6 +1,6 @@
 # make test  - create .venv if absent, install torch + build fastdistill, run the tests
 # make demo  - same setup, then run the end-to-end demo
-# make bench - same setup, then print the benchmark table
+# make bench - same setup (the test extra brings the peer runtimes), then the kernel and MiniLM benchmark tables
 # make gpu-check OUT=dir - on a GPU machine: build for sm_90, CUDA tests, sanitizers, GPU bench (benchmarks/gpu_check.sh)
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -30,6 +30,7 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/fastdistill bench
+	$(VENV)/bin/fastdistill bench --model minilm
 
 gpu-check:  # the GPU machine's own python and torch; no setup (no registry there)
 	benchmarks/gpu_check.sh $(or $(OUT),$(error usage: make gpu-check OUT=dir))

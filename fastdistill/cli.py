@@ -48,6 +48,12 @@ def demo(args) -> None:
 
 
 def bench(args) -> None:
+    if args.model:
+        from fastdistill.bench.model import run as run_model
+
+        run_model(args.model, threads=args.threads, json_path=args.json,
+                  **(dict(sentences=100, n_bs1=32, repeats=3) if args.quick else {}))
+        return
     from fastdistill.bench.runner import FAMILIES, run
 
     only = [f.strip() for f in args.only.split(",") if f.strip()]
@@ -88,6 +94,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a speedup chart (PNG) to this file")
+    p.add_argument("--model", choices=["minilm", "bert-base", "tiny"],
+                   help="instead: a whole encoder under torch, onnxruntime, OpenVINO and fastdistill (bench/model.py)")
+    p.add_argument("--threads", type=int, default=2, help="threads of every runtime, with --model")
     from fastdistill.compress import DEFAULT_LR, DEFAULT_RECOVER_STEPS, METHODS, QUANTIZATIONS, SPARSITIES
 
     p = sub.add_parser("compress", help="prune 2:4, recover by distillation and quantize a pretrained sentence "
