@@ -16,7 +16,7 @@ import transformers  # noqa: E402,F401
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from fastdistill.integrations.transformers import DistillationTrainer  # noqa: E402
-from fastdistill.reference import kd_loss_reference  # noqa: E402
+from fastdistill.reference import kd_loss_reference, kd_topk_loss_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("distill_trainer", REPO / "examples" / "distill_trainer.py")
@@ -153,12 +153,10 @@ def test_bad_arguments(tmp_path):
     student, teacher = example.student_and_teacher()
     args = training_args(tmp_path)
     pre = r"^fastdistill\.DistillationTrainer: "
-    with pytest.raises(ValueError, match=pre + "teacher_model is required"):
-        DistillationTrainer(model=student, args=args)
     with pytest.raises(ValueError, match=pre + r"unknown kd option\(s\) \['reduction', 'temprature'\]"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args, kd=dict(temprature=2.0, reduction="sum"))
     for kw in (dict(teacher_topk="column"), dict(kd=dict(teacher_topk=8))):
-        with pytest.raises(NotImplementedError, match=pre + "teacher_topk .* not supported by the trainer yet"):
+        with pytest.raises(ValueError, match=pre + "an offline top-k teacher comes as the batch columns"):
             DistillationTrainer(model=student, teacher_model=teacher, args=args, **kw)
     capped = example.tiny_llama(32, seed=2)
     capped.config.final_logit_softcapping = 30.0
@@ -168,8 +166,66 @@ def test_bad_arguments(tmp_path):
     batch = full_batch(example.TokenSequences(2))
     with pytest.raises(ValueError, match=pre + "the batch has no 'labels'"):
         trainer.compute_loss(trainer.model, {k: v for k, v in batch.items() if k != "labels"})
-    with pytest.raises(NotImplementedError, match=pre + "teacher_topk"):
-        trainer.compute_loss(trainer.model, dict(batch, teacher_topk=torch.zeros(2, 12, 4)))
+    idx, lp = torch.zeros(2, 12, 4, dtype=torch.long), torch.zeros(2, 12, 4)
+    with pytest.raises(ValueError, match=pre + r"give the teacher in one form: .* \(got both\)"):
+        trainer.compute_loss(trainer.model, dict(batch, teacher_topk_indices=idx, teacher_topk_logprobs=lp))
+    offline = DistillationTrainer(model=student, args=args)
+    with pytest.raises(ValueError, match=pre + r"give the teacher in one form: .* \(got neither\)"):
+        offline.compute_loss(offline.model, batch)
+    with pytest.raises(ValueError, match=pre + "the batch has one of"):
+        offline.compute_loss(offline.model, dict(batch, teacher_topk_indices=idx))
+
+
+def topk_columns(teacher, batch, k, temperature):
+    """The offline teacher's columns: top-k log-probs at the temperature of the live teacher's logits."""
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logprobs, indices = torch.log_softmax(logits.double() / temperature, -1).topk(k, dim=-1)
+    return dict(teacher_topk_indices=indices, teacher_topk_logprobs=logprobs.float())
+
+
+@pytest.mark.parametrize("k", [5, example.VOCAB])
+def test_offline_topk_teacher_from_batch_columns(k):
+    """teacher_model=None and the teacher's top-k as batch columns: the loss is kd_loss's top-k form on the student's
+    full logits (shifted labels), within 2x plain fp32's error; with all V tokens it equals the live teacher's loss."""
+    student, teacher = example.student_and_teacher()
+    batch = full_batch(example.TokenSequences(3, seed=7))
+    columns = topk_columns(teacher, batch, k, KD["temperature"])
+    trainer = DistillationTrainer(model=student, kd=KD, args=training_args(Path("/tmp"), report_to=[]))
+    loss = trainer.compute_loss(trainer.model, dict(batch, **columns))
+
+    def reference(dtype):
+        loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            logits = copy.deepcopy(student).to(dtype)(input_ids=batch["input_ids"],
+                                                      attention_mask=batch["attention_mask"]).logits[:, :-1]
+        vocab = logits.shape[-1]
+        idx, lp = (c[:, :-1].reshape(-1, k) for c in columns.values())
+        return kd_topk_loss_reference(logits.reshape(-1, vocab).to(loss_dtype), idx, lp.to(loss_dtype),
+                                      labels=batch["labels"][:, 1:].reshape(-1), reduction="batchmean", **KD)
+
+    ref, plain = reference(torch.float64), reference(torch.float32)
+    assert err(loss, ref) <= 2 * err(plain, ref) + 1e-5 * abs(ref.item())
+    if k == example.VOCAB:
+        live = DistillationTrainer(model=student, teacher_model=teacher, kd=KD,
+                                   args=training_args(Path("/tmp"), report_to=[]))
+        dense = live.compute_loss(live.model, batch)
+        assert err(loss, dense.double()) <= 1e-5 * abs(dense.item())
+
+
+def test_offline_topk_training_keeps_the_columns_and_lowers_the_loss(tmp_path):
+    """Through Trainer.train(): remove_unused_columns keeps the top-k columns, and the loss falls."""
+    student, teacher = example.student_and_teacher()
+    data = example.TokenSequences(4)
+    batch = full_batch(data)
+    columns = topk_columns(teacher, batch, 6, KD["temperature"])
+    rows = [dict(data[i], **{c: v[i] for c, v in columns.items()}) for i in range(len(data))]
+    trainer = DistillationTrainer(model=student, kd=dict(KD, topk_tail="bucket"), train_dataset=rows,
+                                  args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=8,
+                                                     optim="adamw_torch", learning_rate=1e-2))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
 
 
 def single_process_step(samples):

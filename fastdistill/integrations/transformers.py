@@ -20,16 +20,21 @@ from fastdistill.fused_linear import fused_linear_kd_loss
 _NAME = "fastdistill.DistillationTrainer"
 # The kd= keys: fused_linear_kd_loss's keywords that the trainer does not decide itself (reduction and labels are its).
 KD_OPTIONS = ("temperature", "divergence", "beta", "soft_weight", "hard_weight", "scale_by_t2", "ignore_index",
-              "chunk_size")
+              "chunk_size", "topk_tail")
+# The batch columns of an offline teacher (fastdistill.TeacherTopK: its log-probs at the distillation temperature of
+# k tokens per position, [batch, seq, k] each, aligned with the inputs as the teacher's logits would be).
+TOPK_COLUMNS = ("teacher_topk_indices", "teacher_topk_logprobs")
 # Config fields of models whose logits are not just lm_head(hidden): the fused loss would see other logits than theirs.
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
-_TOPK_NOT_YET = ("teacher_topk (a teacher's offline top-k cache read from a dataset column) is not supported by the "
-                 "trainer yet; pass a live teacher_model")
 
 
 class DistillationTrainer(Trainer):
     """A :class:`transformers.Trainer` whose loss is the distillation loss of `model` (the student) against
-    `teacher_model`, both causal LMs with the same vocabulary (their hidden sizes may differ).
+    `teacher_model`, both causal LMs with the same vocabulary (their hidden sizes may differ), or against an offline
+    teacher: with ``teacher_model=None`` every batch carries the columns ``teacher_topk_indices`` and
+    ``teacher_topk_logprobs`` ([batch, seq, k] each, e.g. from :class:`fastdistill.TeacherTopK`: the teacher's
+    log-probs at the distillation temperature, position i's distribution over token i + 1, as its logits would give),
+    and ``kd`` may set ``topk_tail``.
 
     ``kd`` holds :func:`fastdistill.fused_linear_kd_loss`'s keywords (``temperature``, ``divergence``, ``beta``,
     ``soft_weight``, ``hard_weight``, ``scale_by_t2``, ``ignore_index``, ``chunk_size``). Each batch needs
@@ -43,46 +48,62 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None,
                  kd: Optional[Dict[str, Any]] = None, **kwargs):
-        if "teacher_topk" in kwargs:
-            raise NotImplementedError(f"{_NAME}: {_TOPK_NOT_YET}")
-        if teacher_model is None:
-            raise ValueError(f"{_NAME}: teacher_model is required")
         kd = dict(kd or {})
-        if "teacher_topk" in kd:
-            raise NotImplementedError(f"{_NAME}: {_TOPK_NOT_YET}")
+        if "teacher_topk" in kwargs or "teacher_topk" in kd:
+            raise ValueError(f"{_NAME}: an offline top-k teacher comes as the batch columns {list(TOPK_COLUMNS)} "
+                             "(with teacher_model=None), not as an argument")
         unknown = sorted(set(kd) - set(KD_OPTIONS))
         if unknown:
             raise ValueError(f"{_NAME}: unknown kd option(s) {unknown}; the options are {list(KD_OPTIONS)}")
         for who, m in (("model", model), ("teacher_model", teacher_model)):
-            _check_causal_lm(m, who)
+            if m is not None or who == "model":
+                _check_causal_lm(m, who)
         self.kd = kd
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.teacher_model = (teacher_model.to(self.args.device).eval().requires_grad_(False)
+                              if teacher_model is not None else None)
         # compute_loss divides by num_items_in_batch itself: the Trainer must count the items for every model, and
         # training_step must not divide by the accumulation steps again (what it does for models without loss kwargs).
         self.model_accepts_loss_kwargs = True
         # The items are the shifted labels (what transformers counts for the causal-LM losses it recognises).
         self._loss_shifts_labels = True
 
+    def _set_signature_columns_if_needed(self):
+        # remove_unused_columns keeps the model's forward arguments only; the top-k columns are the loss's.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(self._signature_columns) + [c for c in TOPK_COLUMNS
+                                                                   if c not in self._signature_columns]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        if "teacher_topk" in inputs:
-            raise NotImplementedError(f"{_NAME}: {_TOPK_NOT_YET}")
+        topk = tuple(inputs.pop(c, None) for c in TOPK_COLUMNS)
+        if (topk[0] is None) != (topk[1] is None):
+            raise ValueError(f"{_NAME}: the batch has one of {list(TOPK_COLUMNS)} without the other")
+        offline = topk[0] is not None
+        if offline == (self.teacher_model is not None):
+            raise ValueError(f"{_NAME}: give the teacher in one form: teacher_model, or the batch columns "
+                             f"{list(TOPK_COLUMNS)} with teacher_model=None (got "
+                             f"{'both' if offline else 'neither'})")
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError(f"{_NAME}: the batch has no 'labels' (the target tokens, ignore_index where none; a "
                              "causal-LM collator such as DataCollatorForLanguageModeling(mlm=False) adds them)")
         student = self.accelerator.unwrap_model(model)
         hidden, outputs = _run_without_logits(model, student, inputs)
-        with torch.no_grad():
-            teacher_hidden, _ = _run_without_logits(self.teacher_model, self.teacher_model, inputs)
         ignore_index = self.kd.get("ignore_index", -100)
         # Position i predicts token i + 1; the last position has no target.
         shifted = torch.cat([labels[..., 1:], labels.new_full(labels[..., :1].shape, ignore_index)], dim=-1)
-        head, teacher_head = student.get_output_embeddings(), self.teacher_model.get_output_embeddings()
-        kw = dict(self.kd, labels=shifted.to(hidden.device), student_bias=head.bias, teacher_bias=teacher_head.bias)
-        reduction = "batchmean" if num_items_in_batch is None else "sum"
-        loss = fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_head.weight, reduction=reduction, **kw)
+        head = student.get_output_embeddings()
+        kw = dict(self.kd, labels=shifted.to(hidden.device), student_bias=head.bias,
+                  reduction="batchmean" if num_items_in_batch is None else "sum")
+        if offline:
+            loss = fused_linear_kd_loss(hidden, head.weight, teacher_topk=tuple(x.to(hidden.device) for x in topk), **kw)
+        else:
+            with torch.no_grad():
+                teacher_hidden, _ = _run_without_logits(self.teacher_model, self.teacher_model, inputs)
+            teacher_head = self.teacher_model.get_output_embeddings()
+            loss = fused_linear_kd_loss(hidden, head.weight, teacher_hidden, teacher_head.weight,
+                                        teacher_bias=teacher_head.bias, **kw)
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
