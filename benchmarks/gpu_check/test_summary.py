@@ -18,15 +18,19 @@ skipped="2" tests="10" time="88.1"><testcase classname="tests.test_cuda" name="t
 trace</failure></testcase></testsuite></testsuites>"""
 
 
-def _result(target, median, baselines=None, bytes_=0.0, shape="s"):
-    return {"op": "op", "shape": shape, "bytes": bytes_, "extra": {"target": target}, "fastdistill": {"median": median},
-            "baselines": {k: {"median": v} for k, v in (baselines or {}).items()}}
+def _result(target, median, baselines=None, bytes_=0.0, shape="s", flops=0.0, extra=None):
+    return {"op": "op", "shape": shape, "bytes": bytes_, "flops": flops, "extra": {"target": target, **(extra or {})},
+            "fastdistill": {"median": median}, "baselines": {k: {"median": v} for k, v in (baselines or {}).items()}}
 
 
 BENCH = {"machine": {"limits": {"mem_gbps": 4000.0, "gpu": "NVIDIA H200"}, "torch": "2.11.0"}, "results": [
     _result("kd", 0.5e-3, bytes_=1e9),                               # floor 0.25 ms: 50%
     _result("int8", 5e-6, {"cuBLAS bf16": 10e-6}),                   # 2.0x
     _result("sparse", 5e-6, {"cuBLAS dense bf16": 6e-6, "to_sparse_semi_structured": 60e-6}),  # 1.2x
+    _result("lm_head", 40e-3, {"unfused (F.linear + kd_loss)": 45e-3}, shape="met", flops=4e13,  # 1000 TFLOP/s
+            extra={"memory": {"extra_bytes": 1.5e9}}),
+    _result("lm_head", 40e-3, shape="over memory", flops=4e13, extra={"memory": {"extra_bytes": 2.5e9}}),
+    _result("lm_head", 60e-3, shape="slow", flops=4e13, extra={"memory": {}}),
 ]}
 
 
@@ -67,8 +71,11 @@ def test_targets_met_or_not():
     assert kd["status"] == "NOT met" and kd["measured"].startswith("50% of floor: 0.50 ms, floor 0.25 ms")
     assert got["int8 GEMV, M = 1"]["status"] == "met" and got["int8 GEMV, M = 1"]["measured"].startswith("2.00x")
     assert got["2:4 GEMV, M = 1"]["status"] == "NOT met" and got["2:4 GEMV, M = 1"]["measured"].startswith("1.20x")
-    assert got["fused lm_head loss"]["status"] == "not measured"
+    lm = {r["what"].split("(run: ")[1].rstrip(")"): r for r in evaluate_targets(BENCH) if "lm_head" in r["what"]}
+    assert lm["met"]["status"] == "met" and lm["met"]["measured"].startswith("40.0 ms (1000 TFLOP/s on the four GEMMs), 1.50 GB extra; unfused 45.0 ms")
+    assert lm["over memory"]["status"] == "NOT met" and lm["slow"]["status"] == "NOT met"
+    assert "memory not measured" in lm["slow"]["measured"]
     semi = got["torch semi-structured GEMM at M = 1"]
     assert semi["status"] == "reference" and semi["measured"].startswith("torch semi-structured 0.10x dense")
     empty = evaluate_targets({"machine": {"limits": {}}, "results": []})
-    assert [r["status"] for r in empty[:3]] == ["not measured"] * 3
+    assert [r["status"] for r in empty[:4]] == ["not measured"] * 4
