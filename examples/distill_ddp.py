@@ -90,6 +90,9 @@ def main():
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if rank == 0 and args.out:
         torch.save(dict(world_size=world, losses=losses, max_param_diff_across_ranks=diff.item()), args.out)
+    # Every rank reaches the teardown before any closes its connections (gloo's threads abort the process when a
+    # peer hangs up under them).
+    dist.barrier()
     dist.destroy_process_group()
 
 
