@@ -1,6 +1,7 @@
 """Sanitizer driver: the distillation-loss kernels (csrc/include/fastdistill/kd_loss.cuh), every divergence,
 forward and backward, with labels, ignored rows and a masked vocabulary tail; fp32 rows long enough to be
-split across blocks (the merge kernels) and bf16 rows that are not. Usage: _driver.py."""
+split across blocks (the merge kernels) and bf16 rows that are not; and the vocab-parallel shard kernels
+(kd_loss_partial, kd_loss_jsd_sums) on the same rows. Usage: _driver.py."""
 import torch
 
 from _driver import close, main
@@ -30,6 +31,14 @@ def exercise(ops, device):
             grad = ops.kd_loss_backward(grad_rows.to(device), sd, td, ld, stats, *params)
             want_grad = cpu.kd_loss_backward(grad_rows, s, t, lab, want_stats, *params)
             close(grad, want_grad, 1e-2, 1e-5, what + " gradient")
+            # The shard state: maxima exact, sums to summation order. The centre (the other side's logit at the
+            # primary argmax) and the sum around it are each implementation's pick among tied maxima, as above.
+            part, want_part = ops.kd_loss_partial(sd, td, ld, *params), cpu.kd_loss_partial(s, t, lab, *params)
+            close(part[:, [0, 2]], want_part[:, [0, 2]], 0, 0, what + " partial maxima")
+            close(part[:, [1, 3, 4]], want_part[:, [1, 3, 4]], 2e-5, 1e-30, what + " partial sums")
+            if div == "jsd":
+                sums = ops.kd_loss_jsd_sums(sd, td, stats, 2.0, 0.3)
+                close(sums, cpu.kd_loss_jsd_sums(s, t, want_stats, 2.0, 0.3), 1e-4, 1e-6, what + " jsd sums")
 
 
 if __name__ == "__main__":

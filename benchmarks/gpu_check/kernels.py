@@ -4,7 +4,8 @@ that each one launched."""
 
 KERNELS = {
     "kd_loss": ["kd_forward_kernel", "kd_forward_merge_kernel", "kd_jsd_kernel", "kd_jsd_merge_kernel",
-                "kd_backward_kernel"],
+                "kd_backward_kernel", "kd_partial_kernel", "kd_partial_merge_kernel", "kd_jsd_sums_kernel",
+                "kd_jsd_sums_merge_kernel"],
     "kd_topk": ["kd_topk_forward_kernel", "kd_topk_backward_kernel"],
     "int8": ["quantize_rows_kernel", "int8_gemv_kernel", "to_f32_padded_kernel", "int8_wo_gemv_kernel",
              "int8_dequant_epilogue_kernel"],
