@@ -142,8 +142,8 @@ at::Tensor int8_unpack_weight(const at::Tensor& packed, int64_t n, int64_t k) {
 }
 
 // Quantises x (M x K rows, contiguous) into the [M, k_pad] operand of the table's GEMM kernel and its [M] scales,
-// in the calling thread's scratch (kept between calls: no allocation per call beyond the output). The workers of
-// the GEMM's parallel region only read it, while the caller waits.
+// in the calling thread's scratch (kept between calls at the largest size seen: no allocation per call beyond the
+// output). The workers of the GEMM's parallel region only read it, while the caller waits.
 struct Operand {
   const int8_t* a;
   const float* scales;
@@ -180,9 +180,9 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     const at::Tensor ws = scales_in.contiguous();
     at::Tensor bias;
     if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
-    const Operand a = quantize_operand(kern, x2, dt, h.k_pad);
+    const Operand operand = quantize_operand(kern, x2, dt, h.k_pad);
     GemmParams p{};
-    p.a = a.a;
+    p.a = operand.a;
     p.lda = h.k_pad;
     p.shifted = kern.u8_activations;
     p.w = packed_data(packed.data_ptr<int8_t>(), h.n_pad);
@@ -192,7 +192,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     p.out = out.data_ptr();
     p.out_dtype = dt;
     p.ldo = h.n;
-    p.x_scales = a.scales;
+    p.x_scales = operand.scales;
     p.w_scales = ws.data_ptr<float>();
     p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
     for_tiles(m, h.n_pad / kNB, h.k_pad, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });

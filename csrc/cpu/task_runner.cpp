@@ -17,13 +17,14 @@ constexpr double kWorkPerExtraThread = 2e6;
 
 int64_t threads_for_work(double work) {
   if (at::in_parallel_region()) return 1;
+  const int64_t most = at::get_num_threads();
   const double worth = std::floor(work / kWorkPerExtraThread);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(std::min(worth, 1e6))));
+  return worth >= double(most) ? most : std::max<int64_t>(1, int64_t(worth));
 }
 
 void run_dynamic(int64_t ntasks, double work, const std::function<void(int64_t)>& body) {
-  const int64_t nthreads = std::min<int64_t>(threads_for_work(work), ntasks);
-  if (nthreads <= 1 || at::in_parallel_region()) {
+  const int64_t nthreads = std::min<int64_t>(threads_for_work(work), ntasks);  // 1 inside a parallel region
+  if (nthreads <= 1) {
     for (int64_t t = 0; t < ntasks; ++t) body(t);
     return;
   }
