@@ -323,7 +323,7 @@ def print_table(result: dict, log=print):
         log(f"| {name} | {nbytes[name]:,} | " + " | ".join(f"{lat[name][str(b)]:.2f}" for b in LATENCY_BATCHES)
             + " |")
     log("")
-    log(f"speedup over dense: " + ", ".join(f"b={b} {lat['dense'][str(b)] / lat['compressed'][str(b)]:.2f}x"
+    log("speedup over dense: " + ", ".join(f"b={b} {lat['dense'][str(b)] / lat['compressed'][str(b)]:.2f}x"
                                             for b in LATENCY_BATCHES)
         + f"; wrote {result['out']} (checkpoint, results.json)")
 

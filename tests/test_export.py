@@ -10,7 +10,6 @@ import torch.nn as nn
 import fastdistill
 from fastdistill.export import load_compressed, save_compressed
 
-import compressed_tensors as ct  # noqa: E402  (the round trip is checked against it; the test extra installs it)
 from compressed_tensors.compressors import BaseCompressor                       # noqa: E402
 from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme,  # noqa: E402
                                              preset_name_to_scheme)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import accelerate  # noqa: E402,F401  (transformers.Trainer needs it; the test extra installs both)
-import transformers  # noqa: E402,F401
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 from fastdistill.integrations.transformers import DistillationTrainer  # noqa: E402
 from fastdistill.reference import kd_loss_reference, kd_topk_loss_reference  # noqa: E402
