@@ -1,4 +1,4 @@
-"""CPU ISA path control. The path is chosen once from FASTDISTILL_CPU_ISA (avx512bf16 | avx512 |
+"""CPU ISA path control. The path is chosen once from FASTDISTILL_CPU_ISA (amx | avx512bf16 | avx512 |
 avx2 | scalar | auto) and the CPU; `set_cpu_isa` / `cpu_isa` change it at run time (tests use them to run every path)."""
 import contextlib
 
@@ -17,13 +17,13 @@ def active_cpu_isa() -> str:
 
 def available_cpu_isas() -> list:
     """The compiled ISA paths this CPU can run, best first."""
-    order = ["avx512bf16", "avx512", "avx2", "scalar"]
+    order = ["amx", "avx512bf16", "avx512", "avx2", "scalar"]
     best = order.index(_c().best_cpu_isa())
     return [isa for isa in order[best:] if isa in _c().compiled_cpu_isas()]
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU kernels onto one path: 'avx512bf16', 'avx512', 'avx2', 'scalar' or 'auto'."""
+    """Force the CPU kernels onto one path: 'amx', 'avx512bf16', 'avx512', 'avx2', 'scalar' or 'auto'."""
     _c().set_cpu_isa(name)
 
 

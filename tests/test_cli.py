@@ -25,7 +25,7 @@ def test_info_reports_build():
     with fastdistill.cpu_isa("avx2"):
         levels = c.kernel_levels()
     assert levels == {"int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
-    assert c.compiled_cpu_isas() == (["avx512bf16", "avx512", "avx2", "scalar"] if os.uname().machine == "x86_64"
+    assert c.compiled_cpu_isas() == (["amx", "avx512bf16", "avx512", "avx2", "scalar"] if os.uname().machine == "x86_64"
                                      else ["scalar"])
     active = c.kernel_levels()
     assert f"cpu kernels per op family: int8 {active['int8']}, kd_loss {active['kd_loss']}, " \

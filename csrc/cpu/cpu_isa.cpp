@@ -10,6 +10,10 @@
 #if defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fastdistill::cpu {
 namespace {
@@ -23,7 +27,7 @@ void hide_features(CpuFeatures& f) {
       {"avx2", &f.avx2}, {"fma", &f.fma}, {"f16c", &f.f16c}, {"bmi2", &f.bmi2}, {"avx512f", &f.avx512f},
       {"avx512bw", &f.avx512bw}, {"avx512vl", &f.avx512vl}, {"avx512dq", &f.avx512dq},
       {"avx512vnni", &f.avx512vnni}, {"avx512bf16", &f.avx512bf16}, {"avx512vbmi", &f.avx512vbmi},
-      {"avxvnni", &f.avxvnni}};
+      {"avxvnni", &f.avxvnni}, {"amx", &f.amx_tile}};
   for (size_t start = 0; start < list.size();) {
     const size_t end = std::min(list.find(',', start), list.size());
     const std::string name = list.substr(start, end - start);
@@ -33,9 +37,20 @@ void hide_features(CpuFeatures& f) {
     if (!known && !name.empty())
       throw std::invalid_argument("fastdistill: FASTDISTILL_CPU_HIDE names an unknown CPU feature '" + name +
                                   "' (known: avx2, fma, f16c, bmi2, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni, "
-                                  "avx512bf16, avx512vbmi, avxvnni)");
+                                  "avx512bf16, avx512vbmi, avxvnni, amx)");
     start = end + 1;
   }
+}
+
+// Linux keeps AMX tile data off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+); a tile
+// instruction without the grant is SIGILL. Asking once per process is enough for all its threads.
+bool request_tile_data() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 
 CpuFeatures detect() {
@@ -54,12 +69,15 @@ CpuFeatures detect() {
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
   f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
   f.avxvnni = __builtin_cpu_supports("avxvnni");
+  f.amx_int8 = __builtin_cpu_supports("amx-int8");
+  f.amx_bf16 = __builtin_cpu_supports("amx-bf16");
+  f.amx_tile = __builtin_cpu_supports("amx-tile") && request_tile_data();
 #endif
   hide_features(f);
   return f;
 }
 
-constexpr const char* kChoices = "auto, avx512bf16, avx512, avx2, scalar";
+constexpr const char* kChoices = "auto, amx, avx512bf16, avx512, avx2, scalar";
 
 CpuIsa parse(const std::string& name, const char* origin) {
   for (int i = 0; i < kNumIsas; ++i)
@@ -100,6 +118,7 @@ bool isa_supported(CpuIsa isa) {
       return isa_supported(CpuIsa::avx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni &&
              f.avx512vbmi;
     case CpuIsa::avx512bf16: return isa_supported(CpuIsa::avx512) && f.avx512bf16;
+    case CpuIsa::amx: return isa_supported(CpuIsa::avx512bf16) && f.amx_tile && f.amx_int8 && f.amx_bf16;
   }
   return false;
 }
@@ -133,13 +152,14 @@ const char* isa_name(CpuIsa isa) {
     case CpuIsa::avx2: return "avx2";
     case CpuIsa::avx512: return "avx512";
     case CpuIsa::avx512bf16: return "avx512bf16";
+    case CpuIsa::amx: return "amx";
   }
   return "?";
 }
 
 std::vector<std::string> compiled_isas() {
 #if defined(__x86_64__)
-  return {"avx512bf16", "avx512", "avx2", "scalar"};
+  return {"amx", "avx512bf16", "avx512", "avx2", "scalar"};
 #else
   return {"scalar"};
 #endif

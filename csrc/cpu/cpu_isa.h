@@ -1,7 +1,7 @@
 // Runtime CPU ISA selection, and the one dispatch pattern every op family uses: a kernel table per ISA level,
-// picked from the level in force. The level is chosen at first use from FASTDISTILL_CPU_ISA (auto | avx512bf16 |
-// avx512 | avx2 | scalar) and the CPU's features, and can be changed at run time (tests run every path in one
-// process). FASTDISTILL_CPU_HIDE=feature,... makes the detection ignore features (tests of CPUs that lack them).
+// picked from the level in force. The level is chosen at first use from FASTDISTILL_CPU_ISA (auto | amx |
+// avx512bf16 | avx512 | avx2 | scalar) and the CPU's features, and can be changed at run time (tests run every path
+// in one process). FASTDISTILL_CPU_HIDE=feature,... makes the detection ignore features (tests of CPUs that lack them).
 //
 // Levels, each a superset of the one below:
 //   scalar      portable C++
@@ -9,6 +9,8 @@
 //   avx512      AVX-512 F/BW/VL/DQ + VNNI + VBMI (Ice Lake, Zen 4 and later: the int8 and 2:4 kernels need the
 //               last two, so a CPU without them runs avx2 and says so)
 //   avx512bf16  avx512 + AVX512_BF16 (native bf16 conversions and dot products: Zen 4, Sapphire Rapids)
+//   amx         avx512bf16 + AMX-TILE/INT8/BF16, with the kernel's permission to use tile data granted (Sapphire
+//               Rapids and later; Linux 5.16+ hands it out per process, so a kernel without it runs avx512bf16)
 // Adding a level: one enum value, its feature test, and an entry in the families' tables that have a kernel
 // for it (the others fall back to the level below).
 #pragma once
@@ -19,13 +21,14 @@
 
 namespace fastdistill::cpu {
 
-enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
-constexpr int kNumIsas = 4;
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };
+constexpr int kNumIsas = 5;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx512vbmi = false, avxvnni = false;
+  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;  // amx_tile: also the OS granted tile data
 };
 
 const CpuFeatures& cpu_features();

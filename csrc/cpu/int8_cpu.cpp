@@ -176,7 +176,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t m = x2.size(0);
   at::Tensor out = at::empty({m, h.n}, x_in.options());
   if (m > 0 && h.n > 0) {
-    const Int8Kernels& kern = int8_kernels();
+    const Int8Kernels& kern = int8_kernels_for_rows(m);
     const at::Tensor ws = scales_in.contiguous();
     at::Tensor bias;
     if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
@@ -248,7 +248,7 @@ at::Tensor int8_gemm_s32(const at::Tensor& x_in, const at::Tensor& w) {
   const int64_t n = w.size(0), k = w.size(1), np = round_up(n, kNB), kp = round_up(k, kKG);
   const at::Tensor x2 = as_rows(x_in);
   const int64_t m = x2.size(0);
-  const Int8Kernels& kern = int8_kernels();
+  const Int8Kernels& kern = int8_kernels_for_rows(m);
   at::Tensor a = at::zeros({m, kp}, x2.options());
   a.narrow(1, 0, k).copy_(x2);
   if (kern.u8_activations) a = a.bitwise_xor(-128);  // s8 -> u8 (+128), stored in the same bytes

@@ -1,5 +1,5 @@
 // int8 quantized inference, CPU kernels: the packed-weight layout, the kernels' parameters and the kernel table
-// (one per ISA level: int8_{scalar,avx2,avx512,avx512bf16}.cpp), shared by the registration (int8_cpu.cpp).
+// (one per ISA level: int8_{scalar,avx2,avx512,avx512bf16,amx}.cpp), shared by the registration (int8_cpu.cpp).
 //
 // Packed weight layout (CPU, ISA-independent, so switching ISA at run time needs no repack):
 //   [0, 64)                 PackedHeader (magic "FDI8", version, n, k, n_pad, k_pad)
@@ -102,6 +102,8 @@ struct Int8Kernels {
   void (*gemm_wo)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
   // Weight-only with bf16 activations (native bf16 dot products), or null.
   void (*gemm_wo_bf16)(const WoParams& p, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1);
+  // A W8A8 GEMM of fewer rows runs on the level below (int8_kernels_for_rows); 0: none.
+  int64_t gemm_min_rows = 0;
 };
 
 #define FD_INT8_DECLARE_ISA(ns)                                                              \
@@ -118,17 +120,28 @@ FD_INT8_DECLARE_ISA(scalar)
 FD_INT8_DECLARE_ISA(avx2)
 FD_INT8_DECLARE_ISA(avx512)
 namespace avx512bf16 { extern const Int8Kernels kernels; }
+namespace amx { extern const Int8Kernels kernels; }
 #endif
 #undef FD_INT8_DECLARE_ISA
 
 inline IsaTables<Int8Kernels> int8_tables() {
 #if defined(__x86_64__)
-  return {&scalar::kernels, &avx2::kernels, &avx512::kernels, &avx512bf16::kernels};
+  return {&scalar::kernels, &avx2::kernels, &avx512::kernels, &avx512bf16::kernels, &amx::kernels};
 #else
-  return {&scalar::kernels, nullptr, nullptr, nullptr};
+  return {&scalar::kernels, nullptr, nullptr, nullptr, nullptr};
 #endif
 }
 
 inline const Int8Kernels& int8_kernels() { return kernels_for(int8_tables()); }
+
+// The table whose W8A8 GEMM takes m rows: the level in force, or the one below where the level's GEMM loses at
+// that size (AMX tiles against VNNI below 3 rows). The caller keeps to one table per call: u8_activations and
+// the operand it quantizes belong to it.
+inline const Int8Kernels& int8_kernels_for_rows(int64_t m) {
+  const IsaTables<Int8Kernels> tables = int8_tables();
+  const CpuIsa level = kernels_level(tables);
+  const Int8Kernels& kern = *tables[int(level)];
+  return m < kern.gemm_min_rows ? kernels_for(tables, CpuIsa(int(level) - 1)) : kernels_for(tables, level);
+}
 
 }  // namespace fastdistill::cpu::int8

@@ -123,12 +123,12 @@ constexpr int64_t kInt8DenseRouteMinRows = 32;
 // Rows [m0, m1) x panel columns [n0, n0 + cols) of the route; p.xq holds the quantized rows (u8 = s8 + 128 where the
 // int8 table's GEMM takes them). The scratch panel is per thread and kept (64 x K bytes, the largest K seen): a
 // thread-local buffer needs no thread numbering, which nested parallel regions make unreliable.
-void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_t m1, int64_t n0, int64_t cols) {
+void int8_dense_route_task(const Int8Params& p, const int8::Int8Kernels& dense, int64_t m0, int64_t m1, int64_t n0,
+                           int64_t cols) {
   thread_local std::vector<int8_t> scratch;
   if (int64_t(scratch.size()) < int8::kPanelCols * p.K) scratch.resize(size_t(int8::kPanelCols * p.K));
   int8_t* panel = scratch.data();
   const Sparse24Kernels& kern = sparse24_kernels();
-  const int8::Int8Kernels& dense = int8::int8_kernels();
   alignas(64) int32_t wsum[int8::kPanelCols];
   alignas(64) int32_t c[int8::kTileRows * int8::kPanelCols];
   kern.unpack_int8_panel(p.values, p.meta, p.K, n0, cols, panel, wsum);
@@ -139,7 +139,7 @@ void int8_dense_route_task(const Int8Params& p, bool shifted, int64_t m0, int64_
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = mc + i;
       int32_t* ci = c + i * int8::kPanelCols;
-      if (shifted)
+      if (dense.u8_activations)
         for (int64_t j = 0; j < cols; ++j) ci[j] -= 128 * wsum[j];
       int8_epilogue_row(ci, cols, p.x_scales[m], p.w_scales, p.bias, n0, p.out + m * p.ldo + n0);
     }
@@ -160,8 +160,9 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
   // Per-token symmetric quantization into zero-padded int8 rows.
   const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), kXPad);
+  const int8::Int8Kernels& dense = int8::int8_kernels_for_rows(M);
   const bool dense_route = M >= kInt8DenseRouteMinRows && K <= int8::kMaxK;
-  const bool shifted = dense_route ? int8::int8_kernels().u8_activations : sparse24_kernels().int8_u8_activations;
+  const bool shifted = dense_route ? dense.u8_activations : sparse24_kernels().int8_u8_activations;
   at::Tensor xq = at::empty({M, ldx}, x.options().dtype(at::kChar));  // padding written by the quantiser
   at::Tensor xs = at::empty({M}, x.options().dtype(at::kFloat));
   {
@@ -176,7 +177,7 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
     qp.q = xq.data_ptr<int8_t>();
     qp.scales = xs.data_ptr<float>();
     qp.xor_mask = shifted ? 0x80 : 0;
-    const auto quantize_rows = int8::int8_kernels().quantize_rows;
+    const auto quantize_rows = dense.quantize_rows;
     const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
     run_dynamic((M + rows_per_task - 1) / rows_per_task, double(M) * double(K), [&](int64_t t) {
       const int64_t r0 = t * rows_per_task;
@@ -206,7 +207,7 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
       const int64_t chunks = (M + chunk - 1) / chunk;
       run_dynamic(panels * chunks, 2.0 * double(M) * double(N) * double(K), [&](int64_t t) {
         const int64_t n0 = (t / chunks) * int8::kPanelCols, m0 = (t % chunks) * chunk;
-        int8_dense_route_task(p, shifted, m0, std::min(M, m0 + chunk), n0, std::min(int8::kPanelCols, N - n0));
+        int8_dense_route_task(p, dense, m0, std::min(M, m0 + chunk), n0, std::min(int8::kPanelCols, N - n0));
       });
     } else {
       const auto int8_linear = sparse24_kernels().int8_linear;

@@ -21,3 +21,6 @@
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c,bmi2\")")
 #define FASTDISTILL_TARGET_AVX512BF16 \
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bf16,avx2,fma,f16c,bmi2\")")
+#define FASTDISTILL_TARGET_AMX                                                                                  \
+  _Pragma(                                                                                                     \
+      "GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bf16,avx2,fma,f16c,bmi2,amx-tile,amx-int8,amx-bf16\")")
