@@ -57,8 +57,11 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("int8_unpack_weight(Tensor w_packed, int N, int K) -> Tensor");
   // Dynamic W8A8: y = (q(x) @ w_int8^T) * s_x[m] * w_scales[n] + bias, per-token quantisation of
   // x fused inside, int32 accumulation. x (..., K) fp32/bf16/fp16; N = w_scales.size(0);
-  // bias [N] (any float dtype) or None; the output has x's dtype and shape (..., N).
-  m.def("int8_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias) -> Tensor");
+  // bias [N] (any float dtype) or None. The epilogue then applies `activation` in fp32: 'none', 'relu', 'gelu' (erf
+  // form) or 'gelu_tanh' (fastdistill/int8.h). The output has shape (..., N) and dtype out_dtype (fp32, bf16 or
+  // fp16; None: x's dtype).
+  m.def("int8_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias, str activation=\"none\", "
+        "ScalarType? out_dtype=None) -> Tensor");
   // Weight-only: y = x @ (w_int8 * w_scales[:, None])^T + bias, weights dequantised on the fly,
   // fp32 accumulation. Same shapes and dtypes as int8_linear.
   m.def("int8_weight_only_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias) -> Tensor");

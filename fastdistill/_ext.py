@@ -23,8 +23,9 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 def require(op: str, device: torch.device) -> None:
     """Raise a clear error if op cannot run on device. Cached (the cache is looked at first: this runs on every
-    call of an op, where a microsecond matters), and skipped while compiling."""
-    if (op, device.type) in _available or torch.compiler.is_compiling():
+    call of an op, where a microsecond matters), and skipped while compiling: is_compiling() comes first so that
+    dynamo never reads the cache, whose later growth would otherwise fail a guard and recompile the graph."""
+    if torch.compiler.is_compiling() or (op, device.type) in _available:
         return
     if _C is None:
         raise RuntimeError(

@@ -202,9 +202,14 @@ def int8_unpack_weight(w_packed, n: int, k: int):
     return torch.ops.fastdistill.int8_unpack_weight(w_packed, int(n), int(k))
 
 
-def int8_linear(x, w_packed, w_scales, bias=None):
+INT8_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+
+
+def int8_linear(x, w_packed, w_scales, bias=None, activation: str = "none", out_dtype=None):
+    """Dynamic W8A8 linear; the epilogue adds the bias, then applies `activation` (one of INT8_ACTIVATIONS; "gelu"
+    is the erf form) in fp32 and stores out_dtype (fp32, bf16 or fp16; None: x's dtype)."""
     _ext.require("int8_linear", x.device)
-    return torch.ops.fastdistill.int8_linear(x, w_packed, w_scales, bias)
+    return torch.ops.fastdistill.int8_linear(x, w_packed, w_scales, bias, activation, out_dtype)
 
 
 def int8_weight_only_linear(x, w_packed, w_scales, bias=None):
@@ -249,11 +254,15 @@ if _lib_loaded:
     def _int8_unpack_weight_fake(w_packed, n, k):
         return w_packed.new_empty((n, k), dtype=torch.int8)
 
-    def _int8_linear_fake(x, w_packed, w_scales, bias):
-        return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
+    @torch.library.register_fake("fastdistill::int8_linear")
+    def _int8_linear_fake(x, w_packed, w_scales, bias, activation="none", out_dtype=None):
+        torch._check(activation in INT8_ACTIVATIONS,
+                     lambda: f"fastdistill.int8_linear: activation must be one of {INT8_ACTIVATIONS}, got {activation!r}")
+        return x.new_empty((*x.shape[:-1], w_scales.shape[0]), dtype=out_dtype if out_dtype is not None else x.dtype)
 
-    torch.library.register_fake("fastdistill::int8_linear")(_int8_linear_fake)
-    torch.library.register_fake("fastdistill::int8_weight_only_linear")(_int8_linear_fake)
+    @torch.library.register_fake("fastdistill::int8_weight_only_linear")
+    def _int8_weight_only_linear_fake(x, w_packed, w_scales, bias):
+        return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
 
     @torch.library.register_fake("fastdistill::int8_gemm_s32")
     def _int8_gemm_s32_fake(x_int8, w_int8):

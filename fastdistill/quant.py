@@ -41,13 +41,19 @@ class Int8Linear(nn.Module):
     mode="dynamic": x is quantised per token inside the op (int8 x int8 -> int32, fused dequant + bias).
     mode="weight_only": W is dequantised on the fly inside the GEMM; x stays in floating point.
     The output has x's dtype (fp32, bf16 or fp16).
+    activation ("dynamic" only): applied in the op's epilogue after the bias, in fp32: "none", "relu", "gelu" (erf)
+    or "gelu_tanh" (quantize_(..., fuse=True) sets it where it fuses an FFN's activation; not in the state_dict).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "dynamic",
-                 device=None):
+                 device=None, activation: str = "none"):
         super().__init__()
         _check_mode(mode)
+        if activation not in ops.INT8_ACTIVATIONS or (activation != "none" and mode != "dynamic"):
+            raise ValueError(f"fastdistill.Int8Linear: activation must be one of {ops.INT8_ACTIVATIONS} "
+                             f"(other than 'none' in mode='dynamic' only), got {activation!r} with mode={mode!r}")
         self.in_features, self.out_features, self.mode = int(in_features), int(out_features), mode
+        self.activation = activation
         device = torch.device(device if device is not None else "cpu")
         w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("w_packed", ops.int8_pack_weight(w), persistent=False)
@@ -94,12 +100,13 @@ class Int8Linear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
-            return ops.int8_linear(x, self.w_packed, self.weight_scale, self.bias)
+            return ops.int8_linear(x, self.w_packed, self.weight_scale, self.bias, self.activation)
         return ops.int8_weight_only_linear(x, self.w_packed, self.weight_scale, self.bias)
 
     def extra_repr(self):
+        act = f", activation={self.activation}" if self.activation != "none" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mode={self.mode}")
+                f"bias={self.bias is not None}, mode={self.mode}{act}")
 
     # ------------------------------------------------------------------ state_dict / devices
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -143,10 +150,20 @@ def _quantize_linear(module: nn.Linear, mode: str) -> Int8Linear:
     return Int8Linear.from_float(module, mode=mode)
 
 
-def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = None) -> nn.Module:
+def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = None, fuse: bool = False) -> nn.Module:
     """Replace, in place, every nn.Linear of `model` (or those for which filter_fn(module, fqn) is
     true) with an Int8Linear, and every fastdistill.SparseLinear with a SparseInt8Linear (2:4 and int8
     combined; "dynamic" mode only: in "weight_only" mode they stay and are named in the warning).
-    Returns model (or the replacement when model itself is such a layer)."""
+    Returns model (or the replacement when model itself is such a layer).
+
+    fuse=True then applies fastdistill.fusion.fuse_int8_ (dynamic mode): in transformers BERT-style encoders the
+    Q/K/V projections of each self-attention become one int8 GEMM (Int8Linear or SparseInt8Linear layers) and each
+    FFN up-projection takes its GELU into the GEMM's epilogue (Int8Linear layers). Structures it does not recognise
+    keep the unfused path. The fused attention's state_dict holds `qkv.*` instead of query/key/value: save with
+    save_compressed from a model quantized without fuse."""
     _check_mode(mode)
-    return convert_modules(model, "quantize", filter_fn, mode=mode)
+    model = convert_modules(model, "quantize", filter_fn, mode=mode)
+    if fuse and mode == "dynamic":
+        from fastdistill.fusion import fuse_int8_
+        fuse_int8_(model)
+    return model

@@ -308,7 +308,7 @@ def test_int8_linear(M, N, K, int_mm):
     acc = qx.long() @ wq.long().T
     assert torch.equal(ops.int8_gemm_s32(qx, wq, int_mm).long(), acc)
     for bias in (b, None):
-        y = ops.int8_linear(x, packed, ws, bias, int_mm)
+        y = ops.int8_linear(x, packed, ws, bias, int_mm=int_mm)
         # the CPU op's epilogue, in fp32: fma(float(acc), s_x * s_w, bias)
         sc = sx[:, None] * ws[None]
         ref = acc.float() * sc + (bias if bias is not None else 0)
@@ -321,6 +321,23 @@ def test_int8_linear(M, N, K, int_mm):
         assert torch.equal(y, y_cpu)  # bit-identical: same quantisation, exact int32 sums, same epilogue
         yo_cpu = torch.ops.fastdistill.int8_weight_only_linear(x, cpu_packed, ws, bias)
         torch.testing.assert_close(yo, yo_cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K", [(3, 37, 50), (17, 24, 64), (40, 10, 50)])  # GEMV tiles, _int_mm + epilogue
+@pytest.mark.parametrize("int_mm", [True, False])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+def test_int8_linear_activation_epilogue_matches_cpu(M, N, K, int_mm, activation, out_dtype):
+    # The GPU kernels' epilogue (bias, then the activation in fp32, then the output dtype) is the CPU op's, bit for bit.
+    wq, ws = ops.quantize_per_channel(torch.randn(N, K))
+    packed, cpu_packed = ops.int8_pack_weight(wq), torch.ops.fastdistill.int8_pack_weight(wq)
+    x, b = torch.randn(M, K) * 2, torch.randn(N)
+    for bias in (b, None):
+        y = ops.int8_linear(x, packed, ws, bias, activation, out_dtype, int_mm=int_mm)
+        y_cpu = torch.ops.fastdistill.int8_linear(x, cpu_packed, ws, bias, activation, out_dtype)
+        assert y.dtype == (out_dtype or x.dtype) and torch.equal(y, y_cpu)
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: activation must be"):
+        ops.int8_linear(x, packed, ws, None, "swish")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

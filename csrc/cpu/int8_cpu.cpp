@@ -168,13 +168,16 @@ Operand quantize_operand(const Int8Kernels& kern, const at::Tensor& x2, DType dt
 }
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
-                       const std::optional<at::Tensor>& bias_in) {
+                       const std::optional<at::Tensor>& bias_in, c10::string_view activation,
+                       std::optional<at::ScalarType> out_dtype) {
   const char* op = "int8_linear";
   const PackedHeader h = check_linear(op, x_in, packed, scales_in, bias_in);
   const DType dt = float_dtype(op, "x", x_in);
+  const Activation act = fastdistill::int8::parse_activation(op, activation);
+  const at::ScalarType ot = fastdistill::int8::out_scalar_type(op, x_in, out_dtype);
   const at::Tensor x2 = as_rows(x_in).contiguous();
   const int64_t m = x2.size(0);
-  at::Tensor out = at::empty({m, h.n}, x_in.options());
+  at::Tensor out = at::empty({m, h.n}, x_in.options().dtype(ot));
   if (m > 0 && h.n > 0) {
     const Int8Kernels& kern = int8_kernels_for_rows(m);
     const at::Tensor ws = scales_in.contiguous();
@@ -190,11 +193,12 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     p.n = h.n;
     p.k_pad = h.k_pad;
     p.out = out.data_ptr();
-    p.out_dtype = dt;
+    p.out_dtype = float_dtype(op, "out", out);
     p.ldo = h.n;
     p.x_scales = operand.scales;
     p.w_scales = ws.data_ptr<float>();
     p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.act = act;
     for_tiles(m, h.n_pad / kNB, h.k_pad, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) { kern.gemm_s8(p, m0, m1, b0, b1); });
   }
   return out.view(out_shape(x_in, h.n));

@@ -16,6 +16,7 @@
 
 namespace fastdistill::cpu::int8 {
 
+using fastdistill::int8::Activation;
 using fastdistill::int8::QuantParams;
 
 constexpr int64_t kHeaderBytes = 64;
@@ -43,7 +44,7 @@ inline const int32_t* packed_comp(const int8_t* packed) {
 inline const int8_t* packed_data(const int8_t* packed, int64_t n_pad) { return packed + kHeaderBytes + 4 * n_pad; }
 
 // C[m][n] = sum_k A[m][k] * W[n][k] (exact int32), then either stored as int32 or
-// y = fma(float(C), x_scales[m] * w_scales[n], bias[n]) stored in out_dtype.
+// y = act(fma(float(C), x_scales[m] * w_scales[n], bias[n])) stored in out_dtype.
 struct GemmParams {
   const int8_t* a;      // [M][lda] quantised activations; u8 (s8 ^ 0x80) when shifted
   int64_t lda;
@@ -58,6 +59,7 @@ struct GemmParams {
   const float* x_scales;
   const float* w_scales;
   const float* bias;    // fp32 [n] or null
+  Activation act;       // after the bias (fastdistill/int8.h)
 };
 
 // Weight-only: y[m][n] = fma(sum_k x[m][k] * w[n][k], w_scales[n], bias[n]) (fp32 accumulation).

@@ -54,13 +54,13 @@ void gpu::to_f32_padded(DType t, const void* x, int64_t rows, int64_t ldx, int64
 }
 
 void gpu::dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scales, const float* w_scales,
-                           const float* bias, void* out, OutKind kind, int max_blocks, GpuStream s) {
+                           const float* bias, Activation act, void* out, OutKind kind, int max_blocks, GpuStream s) {
   const int64_t total = m * n;
   if (total == 0) return;
   int64_t blocks = (total + 255) / 256;
   if (blocks > max_blocks) blocks = max_blocks;
   simt::launch(&int8_dequant_epilogue_kernel<int32_t>, dim3(unsigned(blocks)), dim3(256), 0,
-               static_cast<simt::stream_t>(s), acc, m, n, x_scales, w_scales, bias, out, kind);
+               static_cast<simt::stream_t>(s), acc, m, n, x_scales, w_scales, bias, act, out, kind);
 }
 
 }  // namespace fastdistill::int8

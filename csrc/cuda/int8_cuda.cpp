@@ -26,9 +26,10 @@ at::Tensor unpack_weight(const at::Tensor& w, int64_t n, int64_t k) {
   c10::cuda::CUDAGuard g(w.device());
   return unpack_weight_gpu(w, n, k);
 }
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& bias,
+                  c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
   c10::cuda::CUDAGuard g(x.device());
-  return linear_gpu(cuda_backend(), x, w, s, bias, false);
+  return linear_gpu(cuda_backend(), x, w, s, bias, false, parse_activation("int8_linear", activation), out_dtype);
 }
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                               const std::optional<at::Tensor>& bias) {

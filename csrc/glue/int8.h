@@ -50,6 +50,22 @@ inline void check_linear_inputs(const char* op, const at::Tensor& x, const at::T
   }
 }
 
+// int8_linear's epilogue options: the activation by name, and the output dtype (x's when None; fp32, bf16 or fp16).
+inline Activation parse_activation(const char* op, c10::string_view a) {
+  if (a == "none") return Activation::none;
+  if (a == "relu") return Activation::relu;
+  if (a == "gelu") return Activation::gelu;
+  if (a == "gelu_tanh") return Activation::gelu_tanh;
+  TORCH_CHECK(false, "fastdistill.", op, ": activation must be 'none', 'relu', 'gelu' or 'gelu_tanh', got '", a, "'");
+}
+
+inline at::ScalarType out_scalar_type(const char* op, const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType t = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "fastdistill.", op,
+              ": out_dtype must be float32, bfloat16 or float16, got ", t);
+  return t;
+}
+
 inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t n) {
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastdistill.", op, ": bias must have shape [N] = [", n,
@@ -155,12 +171,15 @@ inline at::Tensor unpack_weight_gpu(const at::Tensor& packed, int64_t n, int64_t
   return p.narrow(0, 0, n * padded_k(k)).view({n, padded_k(k)}).narrow(1, 0, k).contiguous();
 }
 
-// int8_linear (weight_only = false) and int8_weight_only_linear (true).
+// int8_linear (weight_only = false; with its epilogue's activation and output dtype) and int8_weight_only_linear
+// (true; act none, the output in x's dtype).
 inline at::Tensor linear_gpu(const GpuBackend& b, const at::Tensor& x, const at::Tensor& packed,
-                             const at::Tensor& w_scales, const std::optional<at::Tensor>& bias_in, bool weight_only) {
+                             const at::Tensor& w_scales, const std::optional<at::Tensor>& bias_in, bool weight_only,
+                             Activation act = Activation::none, std::optional<at::ScalarType> out_dtype = std::nullopt) {
   const char* op = weight_only ? "int8_weight_only_linear" : "int8_linear";
   check_linear_inputs(op, x, packed, w_scales, bias_in);
   const DType dt = float_dtype(op, "x", x);
+  const at::ScalarType ot = out_scalar_type(op, x, out_dtype);
   const int64_t n = w_scales.size(0), k = x.size(-1), kp = padded_k(k);
   const at::Tensor w = check_packed_gpu(op, packed, n, k);
   check_bias(op, bias_in, n);
@@ -168,7 +187,7 @@ inline at::Tensor linear_gpu(const GpuBackend& b, const at::Tensor& x, const at:
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   const at::Tensor x2 = as_rows(x).contiguous();
   const int64_t m = x2.size(0);
-  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor out = at::empty({m, n}, x.options().dtype(ot));
   if (m == 0 || n == 0) return out.view(out_shape(x, n));
   const at::Tensor ws = w_scales.contiguous();
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -181,7 +200,8 @@ inline at::Tensor linear_gpu(const GpuBackend& b, const at::Tensor& x, const at:
   p.n = n;
   p.k_pad = kp;
   p.ldo = n;
-  p.out_kind = out_kind(dt);
+  p.out_kind = out_kind(float_dtype(op, "out", out));
+  p.act = act;
   if (weight_only) {
     if (m > 16 && b.vendor_gemm) {  // dequantise + vendor GEMM
       at::Tensor wd = (w.narrow(0, 0, n * kp).view({n, kp}).narrow(1, 0, k).to(at::kFloat) * ws.unsqueeze(1))
@@ -202,8 +222,8 @@ inline at::Tensor linear_gpu(const GpuBackend& b, const at::Tensor& x, const at:
     at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
     quantize_into(b, x2, dt, q, k, k, xs);
     at::Tensor acc = at::_int_mm(q, w.narrow(0, 0, n * k).view({n, k}).t());
-    gpu::dequant_epilogue(acc.data_ptr<int32_t>(), m, n, xs.data_ptr<float>(), p.w_scales, bias_ptr, p.out, p.out_kind,
-                          b.max_blocks, b.stream);
+    gpu::dequant_epilogue(acc.data_ptr<int32_t>(), m, n, xs.data_ptr<float>(), p.w_scales, bias_ptr, act, p.out,
+                          p.out_kind, b.max_blocks, b.stream);
     b.launched();
     return out.view(out_shape(x, n));
   }

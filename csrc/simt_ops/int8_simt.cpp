@@ -21,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_channel(const at::Tensor& w) {
 at::Tensor pack_weight(const at::Tensor& w) { return pack_weight_gpu(w); }
 at::Tensor unpack_weight(const at::Tensor& w, int64_t n, int64_t k) { return unpack_weight_gpu(w, n, k); }
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& bias,
-                  bool int_mm) {
-  return linear_gpu(emulator(int_mm), x, w, s, bias, false);
+                  c10::string_view activation, std::optional<at::ScalarType> out_dtype, bool int_mm) {
+  return linear_gpu(emulator(int_mm), x, w, s, bias, false, parse_activation("int8_linear", activation), out_dtype);
 }
 at::Tensor weight_only_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                               const std::optional<at::Tensor>& bias, bool int_mm) {
@@ -39,7 +39,8 @@ TORCH_LIBRARY_FRAGMENT(fastdistill_simt, m) {
   m.def("quantize_per_channel(Tensor w) -> (Tensor, Tensor)");
   m.def("int8_pack_weight(Tensor w_int8) -> Tensor");
   m.def("int8_unpack_weight(Tensor w_packed, int N, int K) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias, bool int_mm=True) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias, str activation=\"none\", "
+        "ScalarType? out_dtype=None, bool int_mm=True) -> Tensor");
   m.def("int8_weight_only_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias, bool int_mm=True) -> Tensor");
   m.def("int8_gemm_s32(Tensor x_int8, Tensor w_int8, bool int_mm=True) -> Tensor");
 }

@@ -1,8 +1,8 @@
 // int8 inference kernels written against simt.h (GPUs, and the CPU SIMT emulator in the tests).
 //
 // Semantics are the CPU ops' (symmetric, zero point 0): s = amax / 127 per row, q = clamp(rne(x / s),
-// -127, 127) (a zero row has s = 0, q = 0); W8A8 out = fma(float(acc), s_x * s_w, bias) (or
-// float(acc) * (s_x * s_w) without bias), weight-only out = fma(acc, s_w, bias) with fp32 sums.
+// -127, 127) (a zero row has s = 0, q = 0); W8A8 out = act(fma(float(acc), s_x * s_w, bias)) (or
+// act(float(acc) * (s_x * s_w)) without bias; act from fastdistill/int8.h), weight-only out = fma(acc, s_w, bias) with fp32 sums.
 // Divisions are IEEE (__fdiv_rn) even under --use_fast_math so that quantised values match the CPU.
 //
 // GPU weight layout ("packed" on CUDA): int8 [N, Kp] row-major, Kp = round_up(K, 16), zero padded, so
@@ -115,7 +115,7 @@ FD_KERNEL void __launch_bounds__(32 * kGemvWarps) int8_gemv_kernel(GemvParams p)
       } else {
         const float sc = p.x_scales[m0 + i] * p.w_scales[n];
         const float v = p.bias ? fmaf(float(acc[i]), sc, p.bias[n]) : float(acc[i]) * sc;
-        store_out(p.out, o, p.out_kind, v);
+        store_out(p.out, o, p.out_kind, activate(p.act, v));
       }
     }
   }
@@ -165,17 +165,18 @@ FD_KERNEL void __launch_bounds__(32 * kGemvWarps) int8_wo_gemv_kernel(GemvParams
 }
 
 // ------------------------------------------------------- epilogue after torch._int_mm (M > 16)
-// out[m, n] = fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n]); grid-stride over m * n. (A template, as every
+// out[m, n] = act(fma(float(acc[m, n]), s_x[m] * s_w[n], bias[n])); grid-stride over m * n. (A template, as every
 // kernel in a header is.)
 template <class Acc>
 FD_KERNEL void int8_dequant_epilogue_kernel(const Acc* acc, int64_t m, int64_t n, const float* x_scales,
-                                            const float* w_scales, const float* bias, void* out, OutKind kind) {
+                                            const float* w_scales, const float* bias, Activation act, void* out,
+                                            OutKind kind) {
   const int64_t total = m * n;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / n, c = i % n;
     const float sc = x_scales[r] * w_scales[c];
     const float v = bias ? fmaf(float(acc[i]), sc, bias[c]) : float(acc[i]) * sc;
-    store_out(out, i, kind, v);
+    store_out(out, i, kind, activate(act, v));
   }
 }
 

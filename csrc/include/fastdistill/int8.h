@@ -1,7 +1,9 @@
 // int8 quantized inference: torch-free parameters shared by the CPU kernels, the GPU kernels (int8.cuh)
 // and the SIMT emulator, the GPU packed-weight layout and the GPU launchers (cuda/int8.cu).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fastdistill/common.h"
 
@@ -19,6 +21,56 @@ struct QuantParams {
   float* scales = nullptr;  // [rows]
   uint8_t xor_mask = 0;     // 0x80 turns s8 into the u8 (+128) operand of u8 x s8 dot products
 };
+
+// The activation of int8_linear's epilogue, applied in fp32 after the bias, before the output's rounding.
+enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3 };
+
+// Plain float arithmetic with explicit fmas, written once for every device: the CPU epilogue (each ISA level's copy
+// auto-vectorizes it and, with no contraction in ISO C++, computes the same bits), the CUDA kernels and the emulator.
+// e^x for x clamped to [-87, 88] (Cephes expf: Cody-Waite reduction, degree-5 polynomial, 2^n from the exponent bits).
+FD_HD float exp_clamped(float x) {
+  x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;  // (selects, not fminf: they vectorize)
+  const float n = rintf(x * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, x);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  const float e = fmaf(p, r * r, r) + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return e * scale;
+}
+
+// gelu(v) = v * Phi(v), Phi(v) = erfc(-v / sqrt 2) / 2, with erfc(t) = poly(1 / (1 + p t)) e^(-t^2) for t >= 0
+// (Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7, the form PyTorch's CPU erf uses); taking the small side as erfc
+// itself avoids 1 + erf's cancellation for negative v. gelu_tanh(v) = v / (1 + e^(-2u)), u = sqrt(2 / pi)
+// (v + 0.044715 v^3): the tanh form's 0.5 (1 + tanh u) is the logistic of 2u.
+FD_HD float activate(Activation a, float v) {
+  switch (a) {
+    case Activation::relu: return v < 0.f ? 0.f : v;
+    case Activation::gelu: {
+      const float t = fabsf(v) * 0.707106781186547524f;
+      const float s = 1.f / fmaf(0.3275911f, t, 1.f);
+      float q = 1.061405429f;
+      q = fmaf(q, s, -1.453152027f);
+      q = fmaf(q, s, 1.421413741f);
+      q = fmaf(q, s, -0.284496736f);
+      q = fmaf(q, s, 0.254829592f);
+      const float half_erfc = 0.5f * (q * s) * exp_clamped(-t * t);
+      return v * (v < 0.f ? half_erfc : 1.f - half_erfc);
+    }
+    case Activation::gelu_tanh: {
+      const float u = 0.797884560802865356f * fmaf(0.044715f * v, v * v, v);
+      return v / (1.f + exp_clamped(-2.f * u));
+    }
+    default: return v;
+  }
+}
 
 // ---- GPU ----
 // Packed weight: int8 1-D of N * Kp + (Kp - K) elements, Kp = round_up(K, 16): [N, Kp] row-major, zero
@@ -41,6 +93,7 @@ struct GemvParams {
   void* out = nullptr;          // [m, ldo]
   int64_t m = 0, n = 0, k_pad = 0, ldo = 0;
   OutKind out_kind = OutKind::f32;
+  Activation act = Activation::none;  // W8A8 only
 };
 
 constexpr int kGemvWarps = 4;  // warps (output columns in flight) per block
@@ -55,9 +108,9 @@ void gemv(const GemvParams& p, bool weight_only, GpuStream s);
 // out [rows, k_pad] fp32 = x [rows, ldx] of dtype t, zero padded beyond k.
 void to_f32_padded(DType t, const void* x, int64_t rows, int64_t ldx, int64_t k, int64_t k_pad, float* out,
                    GpuStream s);
-// out = fma(float(acc), x_scales[m] * w_scales[n], bias[n]) after a vendor int32 GEMM.
+// out = act(fma(float(acc), x_scales[m] * w_scales[n], bias[n])) after a vendor int32 GEMM.
 void dequant_epilogue(const int32_t* acc, int64_t m, int64_t n, const float* x_scales, const float* w_scales,
-                      const float* bias, void* out, OutKind kind, int max_blocks, GpuStream s);
+                      const float* bias, Activation act, void* out, OutKind kind, int max_blocks, GpuStream s);
 }  // namespace gpu
 
 }  // namespace fastdistill::int8
