@@ -72,6 +72,9 @@ def save_compressed(model: nn.Module, directory, config: Optional[dict] = None) 
         if isinstance(mod, Int8Linear) and mod.mode != "dynamic":
             raise ValueError(f"fastdistill.save_compressed: layer {fqn!r} is weight-only int8; the int-quantized "
                              f"layout is W8A8 (quantize_(model, mode='dynamic'))")
+        if type(mod).__name__ == "FusedQKV":
+            raise ValueError(f"fastdistill.save_compressed: {fqn!r} holds fused Q/K/V projections "
+                             f"(quantize_(..., fuse=True)); save the model quantized without fuse")
         kind = _KINDS.get(type(mod))
         if kind is not None:
             kinds[fqn] = kind
