@@ -25,6 +25,10 @@ COLD_M = 16  # M <= COLD_M is measured cold-cache
 TRANSFORMER_SHAPES = [(1, 384, 384), (14, 384, 384), (14, 384, 1536), (14, 1536, 384), (64, 768, 3072)]  # (M, K, N)
 QUICK_TRANSFORMER_SHAPES = [(14, 384, 384)]
 TRANSFORMER_SLACK_S = 3e-6
+# quantize_(..., fuse=True)'s fusions at MiniLM / BERT-base shapes (M, K, N): Q/K/V as one N = 3 x N GEMM against
+# three calls, and the FFN up-projection with its GELU in the epilogue against int8_linear + F.gelu.
+FUSION_SHAPES = [(14, 384, 384), (14, 384, 1536), (64, 768, 768), (64, 768, 3072)]
+QUICK_FUSION_SHAPES = [(14, 384, 384)]
 
 
 class _RotatingObjects(Rotating):
@@ -87,8 +91,9 @@ def cases(quick: bool = False, device: str = "cpu") -> List[Case]:
         return []  # the CUDA cases belong to the CUDA implementation of these ops
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
     out = [c for k, n in shapes for m in ms for c in _cases(m, k, n, cold=m <= COLD_M)]
-    return out + [c for m, k, n in (QUICK_TRANSFORMER_SHAPES if quick else TRANSFORMER_SHAPES)
-                  for c in _cases(m, k, n, cold=False, transformer=True)]
+    out += [c for m, k, n in (QUICK_TRANSFORMER_SHAPES if quick else TRANSFORMER_SHAPES)
+            for c in _cases(m, k, n, cold=False, transformer=True)]
+    return out + [c for m, k, n in (QUICK_FUSION_SHAPES if quick else FUSION_SHAPES) for c in _fusion_cases(m, k, n)]
 
 
 def _cases(m, k, n, cold, transformer=False) -> List[Case]:
@@ -128,6 +133,30 @@ def _cases(m, k, n, cold, transformer=False) -> List[Case]:
         out.append(Case(op="int8_weight_only_linear", run=ours_wo,
                         baselines={"fp32 F.linear": f32, "bf16 F.linear": bf16}, **{**common, "peak_kind": "fp32"}))
     return out
+
+
+def _fusion_cases(m, k, n) -> List[Case]:
+    """Warm weights, with bias (as in a running model); both sides in the same run."""
+    x = torch.randn(m, k)
+    parts = [ops.quantize_per_channel(torch.randn(n, k) / math.sqrt(k)) for _ in range(3)]
+    packed = [(ops.int8_pack_weight(q), s, torch.randn(n)) for q, s in parts]
+    fused = (ops.int8_pack_weight(torch.cat([q for q, _ in parts])), torch.cat([s for _, s in parts]),
+             torch.cat([b for _, _, b in packed]))
+    p, s, b = packed[0]
+    w = torch.randn(n, k) / math.sqrt(k)
+    common = dict(family="int8", dtype="float32", cold=False, peak_kind="int8")
+    qkv = Case(op="fused Q/K/V (one int8_linear, split)", shape=f"M={m} K={k} N=3x{n}",
+               run=lambda: ops.int8_linear(x, *fused).split(n, dim=-1),
+               baselines={"3 x int8_linear": lambda: [ops.int8_linear(x, *pk) for pk in packed]},
+               flops=6.0 * m * n * k, bytes=float(3 * (n * k + 8 * n) + 4 * m * k + 12 * m * n),
+               note="quantize_(fuse=True) attention; warm weights", **common)
+    gelu = Case(op="int8_linear + GELU epilogue", shape=f"M={m} K={k} N={n}",
+                run=lambda: ops.int8_linear(x, p, s, b, "gelu"),
+                baselines={"int8_linear + F.gelu": lambda: F.gelu(ops.int8_linear(x, p, s, b)),
+                           "fp32 F.linear + F.gelu": lambda: F.gelu(F.linear(x, w, b))},
+                flops=2.0 * m * n * k, bytes=float(n * k + 8 * n + 4 * m * k + 4 * m * n),
+                note="quantize_(fuse=True) FFN up-projection; warm weights", **common)
+    return [qkv, gelu]
 
 
 def main(quick: bool = False, repeats: int = 7):
