@@ -183,8 +183,13 @@ def test_bert_fused_equals_unfused(attn):
         ids, mask = _inputs(2, seq)
         ref = _hidden(unfused, ids, mask)
         assert torch.equal(_hidden(qkv_only, ids, mask), ref)  # Q/K/V fused: bit for bit
-        # GELU in the epilogue: fastdistill's fp32 GELU instead of PyTorch's, so equal within its rounding
-        torch.testing.assert_close(_hidden(fused, ids, mask), ref, rtol=1e-4, atol=1e-4)
+        # GELU in the epilogue: fastdistill's fp32 GELU instead of PyTorch's (a few fp32 units apart), and a unit in
+        # the last place can flip an int8 rounding of the next layer's quantized input; so not bit for bit, but
+        # within int8 steps, and as faithful to the fp32 model.
+        out, fp32 = _hidden(fused, ids, mask), _hidden(base, ids, mask)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0.05 * ref.abs().max().item())
+        cos = lambda a, b: F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1)).mean().item()  # noqa: E731
+        assert cos(out, fp32) >= cos(ref, fp32) - 1e-4
 
 
 def test_sparse_bert_fused_qkv_equals_unfused():
