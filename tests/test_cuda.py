@@ -207,6 +207,23 @@ def test_int8_linear_cuda(M, K, N, dtype):
     assert torch.equal(ops8.int8_gemm_s32(qx, wq).long().cpu(), qx.long().cpu() @ wq.long().cpu().T)
 
 
+@pytest.mark.parametrize("M", [3, 40])  # GEMV tiles, torch._int_mm + epilogue kernel
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
+def test_int8_linear_activation_epilogue_cuda(M, activation, out_dtype):
+    if not _int8_ops_built():
+        pytest.skip("int8 schemas not in this build")
+    ops8 = torch.ops.fastdistill
+    wq, ws = ops8.quantize_per_channel(torch.randn(72, 256))
+    x, b = torch.randn(M, 256) * 2, torch.randn(72)
+    y = ops8.int8_linear(x.cuda(), ops8.int8_pack_weight(wq.cuda()), ws.cuda(), b.cuda(), activation, out_dtype)
+    y_cpu = ops8.int8_linear(x, ops8.int8_pack_weight(wq), ws, b, activation, out_dtype)
+    assert y.dtype == y_cpu.dtype
+    # same epilogue; --use_fast_math may round the GELU's division and exp differently from the CPU's IEEE ones
+    torch.testing.assert_close(y.cpu().float(), y_cpu.float(), rtol=1e-5 if y.dtype == torch.float32 else 1e-2,
+                               atol=1e-5 if y.dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_per_token_equals_the_cpu_op(dtype):
     x = (torch.randn(5, 3, 1001) * 4).to(dtype)
@@ -227,6 +244,7 @@ def test_int8_opcheck_and_compile_cuda():
     torch.library.opcheck(ops8.quantize_per_token, (x,))
     torch.library.opcheck(ops8.int8_pack_weight, (wq,))
     torch.library.opcheck(ops8.int8_linear, (x, packed, ws, None))
+    torch.library.opcheck(ops8.int8_linear, (x, packed, ws, None, "gelu", torch.float32))
     torch.library.opcheck(ops8.int8_weight_only_linear, (x, packed, ws, None))
     f = torch.compile(lambda a: ops8.int8_linear(a, packed, ws, None), fullgraph=True)
     torch.testing.assert_close(f(x), ops8.int8_linear(x, packed, ws, None))
