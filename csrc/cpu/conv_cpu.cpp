@@ -174,7 +174,7 @@ at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t k = gemm_k(c, g.kh, g.kw), n_pad = round_up(h.cout, kNB);
   p.gemm = &i8;
   p.shifted = shifted;
-  p.w = int8::packed_data(body, n_pad);
+  p.tiles = int8::packed_data(body, n_pad);
   p.comp = int8::packed_comp(body);
   p.k_pad = k;
   // Tasks: tiles of kTileRows output pixels (each packs its A rows once) x chunks of column panels. With fewer tiles

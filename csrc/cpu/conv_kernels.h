@@ -52,7 +52,7 @@ struct ConvParams {
   // groups == 1
   const Int8Kernels* gemm = nullptr;  // the int8 table whose gemm_s8_panel runs the tiles
   bool shifted = false;               // its u8_activations: comp is subtracted
-  const int8_t* w = nullptr;          // packed tiles
+  const int8_t* tiles = nullptr;      // packed tiles (int8::packed_data)
   const int32_t* comp = nullptr;
   int64_t k_pad = 0;                  // = gemm_k
   // depthwise
