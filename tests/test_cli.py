@@ -24,7 +24,7 @@ def test_info_reports_build():
     assert f"cpu isa paths compiled: {', '.join(c.compiled_cpu_isas())}; best for this cpu: {c.best_cpu_isa()}" in out
     with fastdistill.cpu_isa("avx2"):
         levels = c.kernel_levels()
-    assert levels == {"int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
+    assert levels == {"conv": "avx2", "int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
     assert c.compiled_cpu_isas() == (["amx", "avx512bf16", "avx512", "avx2", "scalar"] if os.uname().machine == "x86_64"
                                      else ["scalar"])
     active = c.kernel_levels()

@@ -16,8 +16,8 @@ from fastdistill.reference import compressed_2_4_sample
 
 C = fastdistill._ext._C
 # The highest level with its own table, per family (a missing entry falls to the level below).
-OWN_LEVELS = {"int8": ["scalar", "avx2", "avx512", "avx512bf16", "amx"], "kd_loss": ["scalar", "avx2", "avx512", "avx512bf16"],
-              "sparse24": ["scalar", "avx2", "avx512"], "conv": ["scalar", "avx2", "avx512"]}
+OWN_LEVELS = {"conv": ["scalar", "avx2", "avx512"], "int8": ["scalar", "avx2", "avx512", "avx512bf16", "amx"], "kd_loss": ["scalar", "avx2", "avx512", "avx512bf16"],
+              "sparse24": ["scalar", "avx2", "avx512"]}
 ORDER = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
 
 
