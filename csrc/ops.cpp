@@ -67,6 +67,17 @@ TORCH_LIBRARY(fastdistill, m) {
   m.def("int8_weight_only_linear(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias) -> Tensor");
   // Exact integer GEMM through the same kernels: x_int8 (..., K) @ w_int8 [N, K]^T -> int32 (..., N).
   m.def("int8_gemm_s32(Tensor x_int8, Tensor w_int8) -> Tensor");
+  // int8 Conv2d (CPU only so far), NHWC inside. w_int8 [Cout, Cin / groups, kh, kw] (per-output-channel symmetric
+  // int8) -> the device's opaque packed conv layout; groups is 1 or depthwise (groups == Cin == Cout).
+  m.def("int8_conv2d_pack_weight(Tensor w_int8, int groups) -> Tensor");
+  // y = act(conv(q(x), w_int8) * s_x * w_scales[n] + bias[n] + residual), int32 accumulation. x [N, C, H, W]
+  // fp32/bf16/fp16 in any memory format (channels_last is read in place; another layout is converted once); q(x)
+  // per tensor with the static scale x_scale (fp32, 1 element: calibrated, out-of-range values saturate at +-127)
+  // or, when None, s_x = amax(|x|) / 127 of this input. residual (the output's shape and x's dtype) or None;
+  // activation 'none' | 'relu' | 'relu6', applied after the residual add. The output [N, Cout, OH, OW] has x's dtype
+  // and is channels_last.
+  m.def("int8_conv2d(Tensor x, Tensor w_packed, Tensor w_scales, Tensor? bias, Tensor? x_scale, Tensor? residual, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, str activation) -> Tensor");
 
   // ---- 2:4 structured sparsity ----
   // values / meta in the canonical (state_dict) format: values [N, K/2] (weight dtype, kept entries in ascending

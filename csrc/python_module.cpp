@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/conv_kernels.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/kd_loss_kernels.h"
 #include "cpu/sparse24_kernels.h"
@@ -31,6 +32,7 @@ std::vector<std::string> cuda_archs() {
 std::map<std::string, std::string> kernel_levels() {
   return {{"kd_loss", isa_name(kernels_level(kd::kd_tables()))},
           {"int8", isa_name(kernels_level(int8::int8_tables()))},
+          {"conv", isa_name(kernels_level(conv::conv_tables()))},
           {"sparse24", isa_name(kernels_level(sparse24::sparse24_tables()))}};
 }
 
@@ -39,6 +41,7 @@ std::map<std::string, std::string> dispatched_levels() {
   auto name = [](int level) { return std::string(level < 0 ? "none" : isa_name(CpuIsa(level))); };
   return {{"kd_loss", name(dispatched_level<kd::KdKernels>().load())},
           {"int8", name(dispatched_level<int8::Int8Kernels>().load())},
+          {"conv", name(dispatched_level<conv::ConvKernels>().load())},
           {"sparse24", name(dispatched_level<sparse24::Sparse24Kernels>().load())}};
 }
 
@@ -72,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_levels", &kernel_levels);
   m.def("dispatched_levels", &dispatched_levels);
   m.def("int8_packed_layout", &int8_packed_layout);
+  m.def("int8_conv_packed_bytes", &conv::packed_bytes,
+        "Bytes of int8_conv2d_pack_weight's CPU output for (cout, cin, kh, kw, groups)");
   m.def("threads_for_work", &fastdistill::cpu::threads_for_work,
         "Threads the CPU ops wake for this much work (int8 multiply-add equivalents); 1 = no parallel region");
   m.def("cpu_features", [] {

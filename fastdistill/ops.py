@@ -222,6 +222,27 @@ def int8_gemm_s32(x_int8, w_int8):
     return torch.ops.fastdistill.int8_gemm_s32(x_int8, w_int8)
 
 
+def _conv_cpu_only(op, device):
+    if torch.device(device).type not in ("cpu", "meta"):
+        raise NotImplementedError(f"fastdistill.{op}: int8 Conv2d has CPU kernels only so far; got a tensor on "
+                                  f"{device} (keep the quantized conv layers on the CPU)")
+    _ext.require(op, torch.device(device))
+
+
+def int8_conv2d_pack_weight(w_int8, groups: int = 1):
+    """int8 [Cout, Cin / groups, kh, kw] -> the CPU's opaque packed conv weight (groups 1 or depthwise)."""
+    _conv_cpu_only("int8_conv2d_pack_weight", w_int8.device)
+    return torch.ops.fastdistill.int8_conv2d_pack_weight(w_int8, int(groups))
+
+
+def int8_conv2d(x, w_packed, w_scales, bias=None, x_scale=None, residual=None, kernel_size=(1, 1), stride=(1, 1),
+                padding=(0, 0), dilation=(1, 1), groups: int = 1, activation: str = "none"):
+    """int8 Conv2d (see Int8Conv2d): static per-tensor activations when x_scale is given, else dynamic."""
+    _conv_cpu_only("int8_conv2d", x.device)
+    return torch.ops.fastdistill.int8_conv2d(x, w_packed, w_scales, bias, x_scale, residual, list(kernel_size),
+                                             list(stride), list(padding), list(dilation), int(groups), activation)
+
+
 if _lib_loaded:
 
     @torch.library.register_fake("fastdistill::sparse24_pack")
@@ -267,3 +288,19 @@ if _lib_loaded:
     @torch.library.register_fake("fastdistill::int8_gemm_s32")
     def _int8_gemm_s32_fake(x_int8, w_int8):
         return x_int8.new_empty((*x_int8.shape[:-1], w_int8.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("fastdistill::int8_conv2d_pack_weight")
+    def _int8_conv2d_pack_weight_fake(w_int8, groups):
+        cout, cin_g, kh, kw = w_int8.shape
+        size = _ext._C.int8_conv_packed_bytes(int(cout), int(cin_g * groups), int(kh), int(kw), int(groups))
+        return w_int8.new_empty((size,), dtype=torch.int8)
+
+    @torch.library.register_fake("fastdistill::int8_conv2d")
+    def _int8_conv2d_fake(x, w_packed, w_scales, bias, x_scale, residual, kernel_size, stride, padding, dilation,
+                          groups, activation):
+        torch._check(x.dim() == 4, lambda: f"fastdistill.int8_conv2d: x must be 4-D [N, C, H, W], got {x.dim()}-D")
+        n, _, h, w = x.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+        return torch.empty((n, w_scales.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)

@@ -5,7 +5,7 @@ The result is exactly 2:4 (at most 2 nonzeros in every group of 4 input columns 
 straight into apply_2_4_masks (fine-tuning with the mask kept) and sparsify_ (compressed storage and kernels).
 """
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -39,6 +39,9 @@ class Calibration:
     batches: List[Any]
     forward: Forward
     gram: bool
+    # Per-tensor input absmax (fp32 scalar) of every nn.Conv2d, over all batches: the static activation scales of
+    # quantize_(model, calibration=...) (s = absmax / 127).
+    input_absmax: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _StopForward(BaseException):
@@ -132,14 +135,33 @@ def calibrate(model: nn.Module, batches: Iterable[Any], filter_fn: FilterFn = No
     Memory: the Gram matrix costs K^2 floats per layer (4 K^2 bytes in fp32: 9.4 MB for K = 1536, 67 MB for
     K = 4096), for every selected layer at once. gram=False keeps only the norms (enough for "wanda").
 
+    For every nn.Conv2d (that filter_fn accepts) it keeps the absmax of its input over all batches (input_absmax: the
+    static per-tensor activation scales of quantize_(model, calibration=...)).
+
     forward(model, batch) runs one batch (default: model(batch)). The batches are materialised into a list and kept
     by reference in the result, so that prune_2_4_'s sequential mode can run them again.
     """
     batches = list(batches)
     forward = forward or _default_forward
     layers = dict(named_layers(model, (nn.Linear,), filter_fn))
-    stats, groups, calls = _collect(model, layers, batches, forward, gram)
-    return Calibration(stats, groups, calls, batches, forward, gram)
+    absmax: Dict[str, torch.Tensor] = {}
+
+    def absmax_hook(fqn, mod, args, kwargs):
+        x = (args[0] if args else kwargs["input"]).detach()
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x)
+        a = torch.maximum(-lo, hi).float()
+        absmax[fqn] = a if fqn not in absmax else torch.maximum(absmax[fqn], a)
+
+    handles = [mod.register_forward_pre_hook(lambda m, a, k, f=fqn: absmax_hook(f, m, a, k), with_kwargs=True)
+               for fqn, mod in named_layers(model, (nn.Conv2d,), filter_fn)]
+    try:
+        stats, groups, calls = _collect(model, layers, batches, forward, gram)
+    finally:
+        for h in handles:
+            h.remove()
+    return Calibration(stats, groups, calls, batches, forward, gram, absmax)
 
 
 def _check_method(method: str):

@@ -189,3 +189,24 @@ def int8_weight_only_linear_reference(x, w_int8, w_scales, bias=None, dtype=torc
     w = w_int8.to(dtype) * w_scales.to(dtype).unsqueeze(-1)
     y = x.to(dtype) @ w.T
     return y + bias.to(dtype) if bias is not None else y
+
+
+def int8_conv2d_reference(x, w_int8, w_scales, bias=None, x_scale=None, residual=None, stride=1, padding=0,
+                          dilation=1, groups=1, activation="none", dtype=torch.float64):
+    """int8 Conv2d in `dtype`: x quantised per tensor (s = x_scale, else amax(|x|) / 127, in fp32; q = clamp(round(x /
+    s), -127, 127)), the integer conv sums first (exact in fp64), then * s * w_scales[n] + bias (+ residual), then
+    the activation."""
+    xf = x.float()
+    s = x_scale.float().reshape(()) if x_scale is not None else xf.abs().amax() / 127
+    q = torch.round(xf / s).clamp(-127, 127) if s > 0 else torch.zeros_like(xf)
+    acc = F.conv2d(q.to(dtype), w_int8.to(dtype), None, stride, padding, dilation, groups)
+    y = acc * s.to(dtype) * w_scales.to(dtype).reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(dtype).reshape(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    if activation == "relu":
+        y = y.clamp_min(0)
+    elif activation == "relu6":
+        y = y.clamp(0, 6)
+    return y

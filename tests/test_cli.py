@@ -24,22 +24,23 @@ def test_info_reports_build():
     assert f"cpu isa paths compiled: {', '.join(c.compiled_cpu_isas())}; best for this cpu: {c.best_cpu_isa()}" in out
     with fastdistill.cpu_isa("avx2"):
         levels = c.kernel_levels()
-    assert levels == {"int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
+    assert levels == {"conv": "avx2", "int8": "avx2", "kd_loss": "avx2", "sparse24": "avx2"}
     assert c.compiled_cpu_isas() == (["amx", "avx512bf16", "avx512", "avx2", "scalar"] if os.uname().machine == "x86_64"
                                      else ["scalar"])
     active = c.kernel_levels()
-    assert f"cpu kernels per op family: int8 {active['int8']}, kd_loss {active['kd_loss']}, " \
+    assert f"cpu kernels per op family: conv {active['conv']}, int8 {active['int8']}, kd_loss {active['kd_loss']}, " \
            f"sparse24 {active['sparse24']}" in out
     # Every op with the devices it has kernels for in this build: kd_loss_fused and kd_topk_fused (the eager CPU
     # training path) are CPU-only, every other op has a CUDA kernel when the build has CUDA.
     cuda = c.built_with_cuda()
-    ops = ["int8_gemm_s32", "int8_linear", "int8_pack_weight", "int8_unpack_weight", "int8_weight_only_linear",
+    ops = ["int8_conv2d", "int8_conv2d_pack_weight", "int8_gemm_s32", "int8_linear", "int8_pack_weight", "int8_unpack_weight", "int8_weight_only_linear",
            "kd_loss_backward", "kd_loss_forward", "kd_loss_fused", "kd_topk_backward", "kd_topk_forward", "kd_topk_fused",
            "quantize_per_channel", "quantize_per_token",
            "sparse24_int8_linear", "sparse24_linear", "sparse24_pack"]
     listed = out.split("registered ops:\n", 1)[1].split()
     for op in ops:
-        devices = "cpu, cuda" if cuda and op not in ("kd_loss_fused", "kd_topk_fused") else "cpu"
+        cpu_only = ("kd_loss_fused", "kd_topk_fused", "int8_conv2d", "int8_conv2d_pack_weight")
+        devices = "cpu, cuda" if cuda and op not in cpu_only else "cpu"
         i = listed.index(op)
         assert " ".join(listed[i + 1:i + 1 + len(devices.split())]) == devices, op
     assert "cuda: built for" in out if cuda else "cuda: not built" in out

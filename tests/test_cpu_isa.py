@@ -16,7 +16,7 @@ from fastdistill.reference import compressed_2_4_sample
 
 C = fastdistill._ext._C
 # The highest level with its own table, per family (a missing entry falls to the level below).
-OWN_LEVELS = {"int8": ["scalar", "avx2", "avx512", "avx512bf16", "amx"], "kd_loss": ["scalar", "avx2", "avx512", "avx512bf16"],
+OWN_LEVELS = {"conv": ["scalar", "avx2", "avx512"], "int8": ["scalar", "avx2", "avx512", "avx512bf16", "amx"], "kd_loss": ["scalar", "avx2", "avx512", "avx512bf16"],
               "sparse24": ["scalar", "avx2", "avx512"]}
 ORDER = ["scalar", "avx2", "avx512", "avx512bf16", "amx"]
 
@@ -39,7 +39,21 @@ def _outputs():
     wo = ops.int8_weight_only_linear(a, ops.int8_pack_weight(q), scale)
     values, meta, _ = compressed_2_4_sample(torch.randn(64, 512, generator=g))
     sp = ops.sparse24_linear(torch.randn(5, 512, generator=g), values, meta)
-    return {"kd_loss": torch.cat([loss, x.grad.flatten()]), "int8": wo, "sparse24": sp}
+    conv = _conv_output(g, torch.float32)
+    return {"kd_loss": torch.cat([loss, x.grad.flatten()]), "int8": wo, "sparse24": sp, "conv": conv}
+
+
+def _conv_output(g, dtype):
+    """An int8 Conv2d (3x3, several pixel tiles) and a depthwise one, both with a residual and ReLU."""
+    outs = []
+    for cin, cout, groups in [(24, 40, 1), (40, 40, 40)]:
+        q = torch.randint(-127, 128, (cout, cin // groups, 3, 3), dtype=torch.int8, generator=g)
+        packed, scale = ops.int8_conv2d_pack_weight(q, groups), torch.rand(cout, generator=g) / 100
+        x = torch.randn(2, cin, 12, 11, generator=g).to(dtype)
+        residual = torch.randn(2, cout, 12, 11, generator=g).to(dtype)
+        outs.append(ops.int8_conv2d(x, packed, scale, torch.randn(cout, generator=g), None, residual,
+                                    (3, 3), (1, 1), (1, 1), (1, 1), groups, "relu").flatten())
+    return torch.cat(outs)
 
 
 # Where two levels' arithmetic differs, so must their bits. Not for int8, whose SIMD levels sum in the same order
@@ -106,7 +120,8 @@ def test_unknown_hidden_feature_is_a_clear_error():
 
 def _thread_sensitive_outputs(dtype):
     """Outputs of every op whose work is split across threads: kd (training path, no-grad forward; row-parallel
-    and split long rows), int8 W8A8 and weight-only (K > 2048: several K slices), 2:4 (values in `dtype`)."""
+    and split long rows), int8 W8A8 and weight-only (K > 2048: several K slices), 2:4 (values in `dtype`), int8
+    Conv2d (implicit GEMM and depthwise)."""
     g = torch.Generator().manual_seed(1)
     out = []
     for shape in [(70, 3001), (3, 40000)]:
@@ -124,6 +139,7 @@ def _thread_sensitive_outputs(dtype):
     out += [ops.int8_weight_only_linear(a, packed, scale, bias), ops.int8_linear(a, packed, scale, bias)]
     values, meta, _ = compressed_2_4_sample(torch.randn(96, 1024, generator=g))
     out.append(ops.sparse24_linear(torch.randn(40, 1024, generator=g).to(dtype), values.to(dtype), meta))
+    out.append(_conv_output(g, dtype))
     return out
 
 

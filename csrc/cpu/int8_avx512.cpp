@@ -32,15 +32,20 @@ inline __m512 load16(DType dt, const void* base, int64_t i, __mmask16 mask) {
   }
 }
 
-void quantize_row(DType dt, const void* x, int64_t k, int64_t k_pad, int8_t* q, float* scale, uint8_t xm) {
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t j = 0; j < k; j += 16) {
-    const __mmask16 mask = k - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - j)) - 1);
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(dt, x, j, mask)));
+void quantize_row(DType dt, const void* x, int64_t k, int64_t k_pad, int8_t* q, float* scale, uint8_t xm,
+                  const float* fixed) {
+  float s;
+  if (fixed != nullptr) {
+    s = *fixed;
+  } else {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+      const __mmask16 mask = k - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k - j)) - 1);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(dt, x, j, mask)));
+    }
+    s = _mm512_reduce_max_ps(vmax) / 127.f;
+    *scale = s;
   }
-  const float amax = _mm512_reduce_max_ps(vmax);
-  const float s = amax / 127.f;
-  *scale = s;
   if (s == 0.f) {
     std::memset(q, int(xm), size_t(k_pad));
     return;
@@ -203,7 +208,7 @@ void quantize_rows(const QuantParams& p, int64_t r0, int64_t r1) {
   const size_t es = p.dtype == DType::f32 ? 4 : 2;
   for (int64_t r = r0; r < r1; ++r)
     quantize_row(p.dtype, static_cast<const char*>(p.x) + r * p.ldx * es, p.k, p.k_pad, p.q + r * p.ldq,
-                 p.scales + r, p.xor_mask);
+                 p.fixed_scale != nullptr ? nullptr : p.scales + r, p.xor_mask, p.fixed_scale);
 }
 
 // Blocking: the panel's rows in micro-tiles of kMR, and K in slices of kKC so that the weight slice (64 x kKC bytes)

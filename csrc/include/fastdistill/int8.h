@@ -10,7 +10,8 @@
 namespace fastdistill::int8 {
 
 // Per-row symmetric quantisation: q[r][0:k] = clamp(rne(x / s), -127, 127) ^ xor_mask, s = amax / 127
-// (s = 0 and q = 0 ^ xor_mask for a row of zeros); q[r][k:k_pad) = 0 ^ xor_mask.
+// (s = 0 and q = 0 ^ xor_mask for a row of zeros); q[r][k:k_pad) = 0 ^ xor_mask. With fixed_scale (CPU only: the
+// static per-tensor activations of int8 Conv2d) every row uses s = *fixed_scale and scales is not written.
 struct QuantParams {
   DType dtype = DType::f32;
   const void* x = nullptr;  // [rows, ldx] elements of dtype
@@ -20,6 +21,7 @@ struct QuantParams {
   int64_t ldq = 0;
   float* scales = nullptr;  // [rows]
   uint8_t xor_mask = 0;     // 0x80 turns s8 into the u8 (+128) operand of u8 x s8 dot products
+  const float* fixed_scale = nullptr;
 };
 
 // The activation of int8_linear's epilogue, applied in fp32 after the bias, before the output's rounding.
