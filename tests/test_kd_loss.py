@@ -477,7 +477,7 @@ def test_env_var_selects_isa_and_rejects_nonsense():
     assert out.stdout.strip() == "scalar"
     env["FASTDISTILL_CPU_ISA"] = "sse9"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "FASTDISTILL_CPU_ISA must be one of auto, avx512bf16, avx512, avx2, scalar; got 'sse9'" in out.stderr
+    assert out.returncode != 0 and "FASTDISTILL_CPU_ISA must be one of auto, amx, avx512bf16, avx512, avx2, scalar; got 'sse9'" in out.stderr
 
 
 def test_peak_memory_beyond_inputs_and_gradient():
