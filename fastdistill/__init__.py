@@ -18,8 +18,8 @@ from fastdistill.topk import TeacherTopK
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "cpu_isa", "set_cpu_isa", "Int8Linear", "Int8Conv2d", "fold_batchnorm_",
-           "quantize_", "quantize_per_channel", "quantize_per_token", "Calibration", "calibrate", "prune_2_4_",
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "cpu_isa", "set_cpu_isa", "Int8Linear",
+           "Int8Conv2d", "fold_batchnorm_", "quantize_", "quantize_per_channel", "quantize_per_token", "Calibration", "calibrate", "prune_2_4_",
            "SparseLinear", "apply_2_4_masks", "compress_2_4", "decompress_2_4", "from_cutlass_2_4", "prune_2_4",
            "sparsify_", "to_cutlass_2_4", "to_semi_structured_2_4", "save_compressed", "load_compressed",
            "to_sparse24_bitmask", "from_sparse24_bitmask", "recover", "vocab_shard", "TeacherTopK"]

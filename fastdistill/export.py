@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastdistill.fusion import FusedQKV
 from fastdistill.quant import Int8Linear
 from fastdistill.sparse.format import check_format, check_k
 from fastdistill.sparse.modules import SparseInt8Linear, SparseLinear
@@ -72,9 +73,13 @@ def save_compressed(model: nn.Module, directory, config: Optional[dict] = None) 
         if isinstance(mod, Int8Linear) and mod.mode != "dynamic":
             raise ValueError(f"fastdistill.save_compressed: layer {fqn!r} is weight-only int8; the int-quantized "
                              f"layout is W8A8 (quantize_(model, mode='dynamic'))")
-        if type(mod).__name__ == "FusedQKV":
+        if isinstance(mod, FusedQKV):
             raise ValueError(f"fastdistill.save_compressed: {fqn!r} holds fused Q/K/V projections "
                              f"(quantize_(..., fuse=True)); save the model quantized without fuse")
+        if isinstance(mod, Int8Linear) and mod.activation != "none":
+            raise ValueError(f"fastdistill.save_compressed: layer {fqn!r} has the fused activation "
+                             f"{mod.activation!r}, which the int-quantized layout does not hold (its module's own "
+                             f"activation was removed); save the model quantized without fuse")
         kind = _KINDS.get(type(mod))
         if kind is not None:
             kinds[fqn] = kind

@@ -264,3 +264,7 @@ def test_fused_model_refuses_save_compressed(tmp_path):
     model = quantize_(_bert(), fuse=True)
     with pytest.raises(ValueError, match="fused Q/K/V"):
         fastdistill.save_compressed(model, tmp_path / "out")
+    ffn_only = quantize_(_bert())
+    assert fuse_int8_(ffn_only, qkv=False) == {"qkv": 0, "ffn_activation": 2}
+    with pytest.raises(ValueError, match="fused activation 'gelu'"):
+        fastdistill.save_compressed(ffn_only, tmp_path / "ffn")
