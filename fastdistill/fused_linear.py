@@ -57,29 +57,58 @@ def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         torch.addmm(acc, a, b.to(a.dtype), out_dtype=_F32, out=acc)
 
 
-def _logits(x: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
-    """fp32 logits of one chunk, written into `out`."""
+# On CPU the two GEMMs that read the [V, H] head (logits = x @ W^T and grad_h = g @ W) go through oneDNN's linear:
+# with a chunk's few rows, MKL's sgemm re-packs the whole head on every call and runs at a third of its large-M
+# rate, while oneDNN's small-M kernels read the head in place (AMD EPYC Zen 4, 48 x 1024 @ 1024 x 32000 fp32:
+# 43-53 vs 17-22 GFLOP/s; benchmarks/test_bench_fused_linear.py measures the whole step). The weight-gradient GEMM
+# stays on addmm_ (its inner dimension is the chunk's rows, where MKL is fine and oneDNN is not).
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_route(device: torch.device) -> bool:
+    """Whether the head's GEMMs go through oneDNN: on CPU, where every GEMM operand is fp32 (_gemm_operand)."""
+    return _ONEDNN and device.type == "cpu"
+
+
+def _onednn_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ w^T (+ bias) in fp32, a fresh tensor."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None if bias is None else bias.float(), "none", [], "")
+
+
+def _logits(x: Tensor, w: Tensor, bias: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+    """fp32 logits of one chunk: from oneDNN where it applies (`out` is then None), else written into `out`."""
+    if out is None:
+        return _onednn_linear(x, w, bias)
     _mm(x, w.t(), out)
     if bias is not None:
         out.add_(bias)
     return out
 
 
+def _hidden_grad(g: Tensor, w: Tensor, out: Tensor) -> None:
+    """out = g @ w, the chunk's hidden gradient."""
+    if _onednn_route(g.device):
+        out.copy_(_onednn_linear(g, w.t()))
+    else:
+        _mm(g, w, out)
+
+
 def chunk_logits(h, w_mm, b, th, tw_mm, tb, tl, chunk):
     """(r0, r1, x, s, t) for each chunk of `chunk` rows of 2-D inputs, the heads w_mm and tw_mm already GEMM
     operands (_gemm_operand): x the chunk's student hidden rows as a GEMM operand, s and t its fp32 student and
-    teacher logits (t a view of tl for precomputed teacher logits, None for a top-k teacher). s and t live in buffers that every chunk reuses
-    (no fresh pages per chunk): use them before the next one."""
+    teacher logits (t a view of tl for precomputed teacher logits, None for a top-k teacher). Off the oneDNN route s and
+    t live in buffers that every chunk reuses (no fresh pages per chunk): use them before the next one."""
     rows, vocab = h.shape[0], w_mm.shape[0]
     kw = dict(dtype=_F32, device=h.device)
     n_max = min(chunk, rows)
-    s_buf = torch.empty((n_max, vocab), **kw)
-    t_buf = torch.empty((n_max, vocab), **kw) if th is not None else None
+    onednn = _onednn_route(h.device)  # oneDNN returns fresh logits: no buffers to reuse
+    s_buf = None if onednn else torch.empty((n_max, vocab), **kw)
+    t_buf = None if onednn or th is None else torch.empty((n_max, vocab), **kw)
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         x = _gemm_operand(h[r0:r1])
-        s = _logits(x, w_mm, b, s_buf[: r1 - r0])
-        t = _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, t_buf[: r1 - r0]) if th is not None else None
+        s = _logits(x, w_mm, b, None if onednn else s_buf[: r1 - r0])
+        t = None if th is None else _logits(_gemm_operand(th[r0:r1]), tw_mm, tb, None if onednn else t_buf[: r1 - r0])
         t = tl[r0:r1] if tl is not None else t
         yield r0, r1, x, s, t
 
@@ -136,7 +165,7 @@ def _chunked(h, w, b, th, tw, tb, tl, ti, tp, labels, kd_args, chunk, needs, gra
             continue
         g_mm = g if w_mm.dtype == _F32 else g.to(w_mm.dtype)  # CUDA 16-bit GEMM inputs
         if need_h:
-            _mm(g_mm, w_mm, grad_h[r0:r1])
+            _hidden_grad(g_mm, w_mm, grad_h[r0:r1])
         if need_w:
             _mm(g_mm.t(), x, grad_w) if r0 == 0 else _addmm_(grad_w, g_mm.t(), x)
         if need_b:

@@ -98,6 +98,20 @@ def test_matches_fp64_reference(divergence, reduction, teacher, bias):
                             beta=0.3, labels=labels, hard_weight=0.3, soft_weight=0.8)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mm"])
+@pytest.mark.parametrize("teacher", TEACHER_FORMS)
+def test_both_cpu_gemm_routes(monkeypatch, onednn, teacher):
+    """The head's GEMMs through oneDNN (the CPU default) and through torch.mm (where torch lacks oneDNN)."""
+    import fastdistill.fused_linear as fl
+
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.fail("this torch build has no oneDNN: the CPU default route cannot be tested")
+    monkeypatch.setattr(fl, "_ONEDNN", onednn)
+    h, w, b, t = problem(29, 40, 77, teacher=teacher, bias=True)
+    check_against_reference(h, w, b, t, chunk_size=8, temperature=2.0, divergence="jsd", reduction="batchmean",
+                            beta=0.3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
