@@ -88,8 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="same training, fewer latency repeats")
     p = sub.add_parser("bench", help="kernel timings against eager, torch.compile, MKL and fbgemm baselines")
-    p.add_argument("--only", default="kd,fused_linear,int8,sparse",
-                   help="comma-separated families: kd,fused_linear,int8,sparse,vocab_parallel (2 gloo processes)")
+    p.add_argument("--only", default="kd,fused_linear,int8,sparse,conv",
+                   help="comma-separated families: kd,fused_linear,int8,sparse,conv (torchvision CNNs),vocab_parallel (2 gloo processes)")
     p.add_argument("--quick", action="store_true", help="a small subset of shapes (under 2 minutes)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="write the results as JSON to this file")

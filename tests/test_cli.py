@@ -91,12 +91,12 @@ def test_demo_is_reproducible_with_seed(tmp_path):
 
 
 def test_bench_quick_json_has_every_declared_case(tmp_path):
-    from fastdistill.bench import fused_linear, int8, kd, sparse
+    from fastdistill.bench import conv, fused_linear, int8, kd, sparse
 
     path = tmp_path / "bench.json"
     run_cli("bench", "--quick", "--json", str(path), "--plot", str(tmp_path / "bench.png"), timeout=900)
     data = json.loads(path.read_text())
-    declared = {(c.family, c.op, c.shape, c.dtype) for m in (kd, fused_linear, int8, sparse)
+    declared = {(c.family, c.op, c.shape, c.dtype) for m in (kd, fused_linear, int8, sparse, conv)
                 for c in m.cases(quick=True)}
     got = {(r["family"], r["op"], r["shape"], r["dtype"]) for r in data["results"]}
     assert declared == got
@@ -108,7 +108,7 @@ def test_bench_quick_json_has_every_declared_case(tmp_path):
 def test_bench_rejects_unknown_family():
     out = subprocess.run([sys.executable, "-m", "fastdistill", "bench", "--only", "fft"], capture_output=True,
                          text=True)
-    assert out.returncode != 0 and "--only takes kd,fused_linear,int8,sparse,vocab_parallel, got fft" in out.stderr
+    assert out.returncode != 0 and "--only takes kd,fused_linear,int8,sparse,conv,vocab_parallel, got fft" in out.stderr
 
 
 def test_readme_generator_writes_summary_and_results(tmp_path):

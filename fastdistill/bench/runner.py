@@ -10,7 +10,7 @@ import torch
 
 from fastdistill.bench.common import machine_limits, summarize, time_fn
 
-FAMILIES = ("kd", "fused_linear", "int8", "sparse", "vocab_parallel")
+FAMILIES = ("kd", "fused_linear", "int8", "sparse", "conv", "vocab_parallel")
 SPREAD_WARN = 0.25  # (max - min) / median above this is flagged as noisy
 
 
