@@ -26,14 +26,17 @@ anything that differs, raises, or does not match keeps the unfused path. The fus
 """
 import ast
 import inspect
+import operator
 import sys
 import textwrap
 from typing import Dict, Optional
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
-from fastdistill.quant import Int8Linear
+from fastdistill import ops
+from fastdistill.quant import Int8Conv2d, Int8Linear
 from fastdistill.sparse.modules import SparseInt8Linear
 
 # transformers' activation classes (by name: they moved between versions) and torch's, as epilogue activations.
@@ -230,3 +233,129 @@ def fuse_int8_(model: nn.Module, qkv: bool = True, ffn_activation: bool = True) 
         elif ffn_activation and _fuse_intermediate(mod):
             counts["ffn_activation"] += 1
     return counts
+
+
+# ---------------------------------------------------------------- CNN blocks: residual add and activation
+# quantize_ fuses a ReLU module that alone reads a conv (convert.conv_chains). A residual block's add, and a ReLU
+# module its forward calls twice (torchvision's BasicBlock, Bottleneck), need the block's data flow: each block whose
+# children include an Int8Conv2d (directly or in nn.Sequential containers) is traced with torch.fx, its other
+# children as leaves, and where it fuses something it is replaced in its parent by the rewritten
+# torch.fx.GraphModule (the same submodules under the same names, so the same state_dict).
+_RESIDUAL_ADDS = (operator.add, operator.iadd, torch.add)
+_RELU_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu6: "relu6"}
+
+
+def _conv_output_shape(conv: Int8Conv2d, x: torch.Tensor):
+    size = [(x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+            // conv.stride[i] + 1 for i in range(2)]
+    return torch.Size([x.shape[0], conv.out_channels, *size])
+
+
+def conv_residual(conv: Int8Conv2d, x: torch.Tensor, residual: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(conv(x) + residual) in the conv's epilogue (one pass over the output), where the residual has the
+    output's shape and dtype; otherwise (a broadcasting add) as the separate ops it replaced."""
+    if residual.shape == _conv_output_shape(conv, x) and residual.dtype == x.dtype:
+        return ops.int8_conv2d(x, conv.w_packed, conv.weight_scale, conv.bias, conv.input_scale, residual,
+                               conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
+    y = conv(x) + residual
+    return {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6}[activation](y)
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one block's forward with its children as leaves, except containers (nn.Sequential and subclasses),
+    whose forward is their children's chain."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not isinstance(m, nn.Sequential)
+
+
+def _has_direct_conv(block: nn.Module) -> bool:
+    """An Int8Conv2d among block's children, looking through nn.Sequential containers."""
+    return any(type(c) is Int8Conv2d or (isinstance(c, nn.Sequential) and _has_direct_conv(c))
+               for c in block.children())
+
+
+def _activation_of(node: fx.Node, block: nn.Module) -> Optional[str]:
+    """'relu' / 'relu6' if node applies one to its only input (a module call or a function), else None."""
+    if node.op == "call_module" and type(block.get_submodule(node.target)) in (nn.ReLU, nn.ReLU6):
+        return "relu6" if type(block.get_submodule(node.target)) is nn.ReLU6 else "relu"
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS and len(node.args) == 1:
+        return _RELU_FUNCTIONS[node.target]
+    return None
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _fuse_block(block: nn.Module, once: Dict[int, bool]) -> Optional[fx.GraphModule]:
+    """The block rewritten with its convs' residual adds and activations in their epilogues, or None if nothing
+    fuses (or torch.fx cannot trace it)."""
+    try:
+        graph = _ChildrenAsLeaves().trace(block)
+    except Exception:  # noqa: BLE001 - untraceable forward: left as it is
+        return None
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(graph.nodes):  # folded BatchNorms: pass-throughs
+        if node.op == "call_module" and type(block.get_submodule(node.target)) is nn.Identity and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    fused = False
+    for conv_node in list(graph.nodes):
+        if conv_node.op != "call_module" or calls[conv_node.target] != 1 or len(conv_node.args) != 1 \
+                or conv_node.kwargs:
+            continue
+        conv = block.get_submodule(conv_node.target)
+        if type(conv) is not Int8Conv2d or conv.activation != "none" or not once.get(id(conv), False):
+            continue
+        add = _only_user(conv_node)
+        if add is not None and add.op == "call_function" and add.target in _RESIDUAL_ADDS and not add.kwargs \
+                and len(add.args) == 2 and all(isinstance(a, fx.Node) for a in add.args) \
+                and add.args[0] is not add.args[1]:
+            residual = add.args[1] if add.args[0] is conv_node else add.args[0]
+            act_node = _only_user(add)
+            activation = _activation_of(act_node, block) if act_node is not None else None
+            last = act_node if activation is not None else add
+            with graph.inserting_before(last):
+                new = graph.call_function(conv_residual, (graph.get_attr(conv_node.target), conv_node.args[0],
+                                                          residual, activation or "none"))
+            last.replace_all_uses_with(new)
+            for dead in ((act_node, add, conv_node) if activation is not None else (add, conv_node)):
+                graph.erase_node(dead)
+            fused = True
+            continue
+        act_node = _only_user(conv_node)
+        activation = _activation_of(act_node, block) if act_node is not None else None
+        if activation is not None:  # e.g. a ReLU module the forward also calls elsewhere
+            conv.activation = activation
+            act_node.replace_all_uses_with(conv_node)
+            graph.erase_node(act_node)
+            fused = True
+    if not fused:
+        return None
+    graph.lint()
+    return fx.GraphModule(block, graph, class_name=type(block).__name__)
+
+
+def fuse_conv_blocks_(model: nn.Module) -> int:
+    """Fuse residual adds (and the activation after them) and the remaining conv activations of the blocks below
+    `model` into their Int8Conv2d epilogues, in place (the model itself is not rewritten, only its descendants);
+    returns how many blocks were rewritten."""
+    counts: Dict[int, int] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        counts[id(mod)] = counts.get(id(mod), 0) + 1
+    once = {key: n == 1 for key, n in counts.items()}
+    rewritten = 0
+    for fqn, block in reversed(list(model.named_modules())):
+        if not fqn or not _has_direct_conv(block) or once.get(id(block)) is not True:
+            continue
+        new = _fuse_block(block, once)
+        if new is not None:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, new)
+            rewritten += 1
+    return rewritten

@@ -332,7 +332,9 @@ def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = Non
 
     Convolutions: a model in eval mode first has its BatchNorm2d folded into the convs before them
     (fold_batchnorm_), and a ReLU / ReLU6 module that alone reads a converted conv's (folded) output is fused
-    into its epilogue (the module becomes nn.Identity). With calibration=fastdistill.calibrate(model, batches)
+    into its epilogue (the module becomes nn.Identity). Then residual blocks (fusion.fuse_conv_blocks_): a
+    conv's residual add, the ReLU after it, and a ReLU module a block calls twice go into the conv's epilogue; each
+    such block becomes a torch.fx.GraphModule with the same submodules and state_dict. With calibration=fastdistill.calibrate(model, batches)
     each conv quantises its input with the calibrated scale (absmax / 127; static); a conv the calibration has
     no statistics for, or every conv without one, quantises each input dynamically (per tensor).
 
@@ -366,6 +368,9 @@ def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = Non
         if act is not None and (bn is None or type(result.get_submodule(bn)) is nn.Identity):
             mod.activation = "relu6" if type(result.get_submodule(act)) is nn.ReLU6 else "relu"
             replace_module(result, act, nn.Identity())
+    if not model.training:
+        from fastdistill.fusion import fuse_conv_blocks_
+        fuse_conv_blocks_(result)
     if uncalibrated:
         warnings.warn(f"fastdistill.quantize_: the calibration has no statistics for {len(uncalibrated)} conv "
                       f"layer(s), which quantize their input dynamically: " + ", ".join(uncalibrated), stacklevel=2)

@@ -1,10 +1,14 @@
-"""Int8 CNNs on torchvision's real architectures (random weights, BatchNorm statistics set): fastdistill's
-quantize_ with calibrated static scales tracks fp32 at least as closely as torch.ao's fbgemm static int8 on the same
-calibration batches, and every conv of the model runs as Int8Conv2d."""
+"""Int8 CNNs as models: on torchvision's real architectures (random weights, BatchNorm statistics set) quantize_ with
+calibrated static scales converts every conv and tracks fp32 at least as closely as torch.ao's fbgemm static int8 on
+the same calibration batches; residual blocks fuse their add and activations into the conv epilogues
+(fusion.fuse_conv_blocks_) exactly, and leave alone what the epilogue does not cover."""
+import copy
+
 import pytest
 import torch
+from torch import nn
 
-from fastdistill import Int8Conv2d
+from fastdistill import Int8Conv2d, calibrate, quantize_
 from fastdistill.bench import conv as bench_conv
 
 
@@ -22,3 +26,125 @@ def test_int8_model_is_closer_to_fp32_than_fbgemm(name):
         ref = model(x)
         err_ours, err_fbgemm = bench_conv.rel_l2(ours(x), ref), bench_conv.rel_l2(fbgemm(x), ref)
     assert err_ours <= err_fbgemm and err_ours < 0.05, (err_ours, err_fbgemm)
+
+
+class _Block(nn.Module):
+    """A residual block in the BasicBlock style: one ReLU module called twice, BN after each conv, the residual
+    through an optional projection, and the add written as `out += identity` or as `identity + out`."""
+
+    def __init__(self, cin, cout, stride=1, iadd=True):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
+            if stride != 1 or cin != cout else None
+        self.iadd = iadd
+
+    def forward(self, x):
+        identity = x if self.proj is None else self.proj(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.iadd:
+            out += identity
+        else:
+            out = identity + out
+        return self.relu(out)
+
+
+class _BroadcastAdd(nn.Module):
+    """conv(x) + a per-channel tensor: an add the epilogue's residual does not cover."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.shift = nn.Parameter(torch.randn(1, 6, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.shift)
+
+
+def _seeded(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+def _quantized_pair(model, x):
+    """(quantize_ without the block fusion, quantize_ as shipped) on copies of model, calibrated on x."""
+    import fastdistill.fusion as fusion
+
+    original = fusion.fuse_conv_blocks_
+    fusion.fuse_conv_blocks_ = lambda m: 0
+    try:
+        plain = quantize_(copy.deepcopy(model), calibration=calibrate(model, [x]))
+    finally:
+        fusion.fuse_conv_blocks_ = original
+    fused = quantize_(copy.deepcopy(model), calibration=calibrate(model, [x]))
+    return plain, fused
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_block_fusion_is_exact_on_torchvision_models(name):
+    """In fp32 the epilogue's act(acc * s + bias + residual) rounds as conv, add and ReLU did one after another."""
+    model = bench_conv.build(name)
+    x = bench_conv.images(2, 7, bench_conv.QUICK_SIZE)
+    plain, fused = _quantized_pair(model, x)
+    assert sum(isinstance(m, torch.fx.GraphModule) for m in fused.modules()) == (8 if name == "resnet18" else 10)
+    assert set(fused.state_dict()) == set(plain.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("iadd", [True, False], ids=["iadd", "add"])
+@pytest.mark.parametrize("stride,cin", [(1, 8), (2, 5)], ids=["identity", "projection"])
+def test_residual_block_fuses_the_add_and_both_relus(iadd, stride, cin):
+    block = _seeded(nn.Sequential(_Block(cin, 8, stride, iadd)))
+    x = torch.randn(2, cin, 9, 11).contiguous(memory_format=torch.channels_last)
+    plain, fused = _quantized_pair(block, x)
+    graph = fused[0].graph
+    targets = [n.target for n in graph.nodes if n.op in ("call_function", "call_module")]
+    assert targets.count(fusion_conv_residual()) == 1 and "relu" not in targets, targets
+    assert fused[0].conv1.activation == "relu" and fused[0].conv2.activation == "none"
+    with torch.inference_mode():
+        ref = block(x)
+        y_plain, y_fused = plain(x), fused(x)
+    assert torch.equal(y_fused, y_plain)
+    assert bench_conv.rel_l2(y_fused, ref) < 0.05
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), y_fused, rtol=1e-5, atol=1e-5)
+
+
+def fusion_conv_residual():
+    from fastdistill.fusion import conv_residual
+    return conv_residual
+
+
+def test_broadcasting_add_keeps_its_meaning():
+    model = _seeded(nn.Sequential(_BroadcastAdd()))
+    x = torch.randn(2, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    plain, fused = _quantized_pair(model, x)
+    assert isinstance(fused[0], torch.fx.GraphModule)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), plain(x))
+
+
+def test_a_conv_output_read_twice_is_not_fused():
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y + x) * y
+
+    model = _seeded(nn.Sequential(TwoReaders()))
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    plain, fused = _quantized_pair(model, x)
+    assert not isinstance(fused[0], torch.fx.GraphModule)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), plain(x))
