@@ -245,22 +245,6 @@ _RESIDUAL_ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu6: "relu6"}
 
 
-def _conv_output_shape(conv: Int8Conv2d, x: torch.Tensor):
-    size = [(x.shape[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
-            // conv.stride[i] + 1 for i in range(2)]
-    return torch.Size([x.shape[0], conv.out_channels, *size])
-
-
-def conv_residual(conv: Int8Conv2d, x: torch.Tensor, residual: torch.Tensor, activation: str) -> torch.Tensor:
-    """activation(conv(x) + residual) in the conv's epilogue (one pass over the output), where the residual has the
-    output's shape and dtype; otherwise (a broadcasting add) as the separate ops it replaced."""
-    if residual.shape == _conv_output_shape(conv, x) and residual.dtype == x.dtype:
-        return ops.int8_conv2d(x, conv.w_packed, conv.weight_scale, conv.bias, conv.input_scale, residual,
-                               conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, activation)
-    y = conv(x) + residual
-    return {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6}[activation](y)
-
-
 class _ChildrenAsLeaves(fx.Tracer):
     """Traces one block's forward with its children as leaves, except containers (nn.Sequential and subclasses),
     whose forward is their children's chain."""
@@ -320,9 +304,9 @@ def _fuse_block(block: nn.Module, once: Dict[int, bool]) -> Optional[fx.GraphMod
             act_node = _only_user(add)
             activation = _activation_of(act_node, block) if act_node is not None else None
             last = act_node if activation is not None else add
+            conv.activation = activation or "none"
             with graph.inserting_before(last):
-                new = graph.call_function(conv_residual, (graph.get_attr(conv_node.target), conv_node.args[0],
-                                                          residual, activation or "none"))
+                new = graph.call_module(conv_node.target, (conv_node.args[0],), {"residual": residual})
             last.replace_all_uses_with(new)
             for dead in ((act_node, add, conv_node) if activation is not None else (add, conv_node)):
                 graph.erase_node(dead)

@@ -150,6 +150,7 @@ class Int8Linear(nn.Module):
 
 
 _CONV_ACTIVATIONS = ("none", "relu", "relu6")
+_CONV_ACTIVATION_FNS = {"none": lambda v: v, "relu": torch.relu, "relu6": lambda v: v.clamp(0, 6)}
 
 
 class Int8Conv2d(nn.Module):
@@ -249,9 +250,20 @@ class Int8Conv2d(nn.Module):
         self.input_scale = (a / 127).to(self.weight_scale.device)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """activation(conv(x) + residual): in the epilogue when residual has the output's shape and x's dtype,
+        else (a broadcasting or type-promoting add) as separate ops."""
+        if residual is not None and (residual.dtype != x.dtype or residual.shape != self._output_shape(x)):
+            y = ops.int8_conv2d(x, self.w_packed, self.weight_scale, self.bias, self.input_scale, None,
+                                self.kernel_size, self.stride, self.padding, self.dilation, self.groups, "none")
+            return _CONV_ACTIVATION_FNS[self.activation](y + residual)
         return ops.int8_conv2d(x, self.w_packed, self.weight_scale, self.bias, self.input_scale, residual,
                                self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
                                self.activation)
+
+    def _output_shape(self, x: torch.Tensor) -> torch.Size:
+        size = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+                // self.stride[i] + 1 for i in range(2)]
+        return torch.Size([x.shape[0], self.out_channels, *size])
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
