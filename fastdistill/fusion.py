@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fastdistill import ops
 from fastdistill.quant import Int8Conv2d, Int8Linear
 from fastdistill.sparse.modules import SparseInt8Linear
 
