@@ -5,10 +5,11 @@ activations: static from calibrate, or dynamic), CPU only so far.
 Quantisation: symmetric, zero point 0, s = amax / 127, q = clamp(round(x / s), -127, 127)
 (round half to even; an all-zero row has s = 0, q = 0).
 
-Memory: an Int8Linear keeps ONE copy of its weights, the device's packed layout (a non-persistent
-buffer, ~N*K bytes). Its state_dict still holds the canonical int8 [N, K] `weight`, fp32 `weight_scale`
-[N] and fp32 `bias`: `weight` is unpacked on the fly when the state_dict is built, and packed again by
-load_state_dict and by .to()/.cuda() (the packed layout is device-specific).
+Memory: an Int8Linear or Int8Conv2d keeps ONE copy of its weights, the device's packed layout (a
+non-persistent buffer, ~N*K bytes). Its state_dict still holds the canonical int8 `weight` ([N, K], or
+[Cout, Cin / groups, kh, kw]), fp32 `weight_scale` [N] and fp32 `bias`: `weight` is unpacked on the fly when
+the state_dict is built, and packed again by load_state_dict and by .to()/.cuda() (the packed layout is
+device-specific): _PackedInt8Weight.
 """
 import warnings
 from typing import Optional
@@ -39,7 +40,48 @@ def _check_mode(mode):
         raise ValueError(f"fastdistill.quant: mode must be one of {_MODES}, got {mode!r}")
 
 
-class Int8Linear(nn.Module):
+class _PackedInt8Weight(nn.Module):
+    """The int8 layers keep their canonical int8 `weight` only in the packed buffer `w_packed` (non-persistent):
+    it is unpacked into the state_dict when that is built, packed again by load_state_dict, and on moves and casts
+    (the packed layout is device-specific) unpacked, moved and repacked. A subclass gives int8_weight(),
+    _weight_shape() and _pack(w_int8)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.int8_weight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, shape = prefix + "weight", self._weight_shape()
+        w = state_dict.get(key)
+        if w is None:
+            missing_keys.append(key)
+        elif w.dtype != torch.int8 or tuple(w.shape) != shape:
+            error_msgs.append(f"fastdistill.{type(self).__name__}: {key} must be int8 of shape {list(shape)}, got "
+                              f"{w.dtype} {list(w.shape)}")
+            w = None
+        scale_key = prefix + "weight_scale"
+        s = state_dict.get(scale_key)
+        if s is not None and s.dtype != torch.float32:
+            error_msgs.append(f"fastdistill.{type(self).__name__}: {scale_key} must be float32, got {s.dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if w is not None:
+            with torch.no_grad():
+                self.w_packed = self._pack(w.to(self.weight_scale.device).contiguous())
+
+    def _apply(self, fn, recurse=True):
+        w = self.int8_weight()
+        self.w_packed = torch.empty(0, dtype=torch.int8, device=self.w_packed.device)
+        super()._apply(fn, recurse)
+        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
+        self.w_packed = self._pack(fn(w).contiguous())
+        return self
+
+
+class Int8Linear(_PackedInt8Weight):
     """y = x @ W^T + b with W stored as int8 + per-output-channel fp32 scales.
 
     mode="dynamic": x is quantised per token inside the op (int8 x int8 -> int32, fused dequant + bias).
@@ -91,7 +133,7 @@ class Int8Linear(nn.Module):
         if w_int8.shape != (self.out_features, self.in_features) or w_int8.dtype != torch.int8:
             raise ValueError(f"fastdistill.Int8Linear: weight must be int8 of shape "
                              f"[{self.out_features}, {self.in_features}], got {w_int8.dtype} {list(w_int8.shape)}")
-        self.w_packed = ops.int8_pack_weight(w_int8.to(self.weight_scale.device).contiguous())
+        self.w_packed = self._pack(w_int8.to(self.weight_scale.device).contiguous())
         if scales is not None:
             if scales.shape != (self.out_features,):
                 raise ValueError(f"fastdistill.Int8Linear: weight_scale must have shape [{self.out_features}], "
@@ -113,44 +155,14 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode}{act}")
 
-    # ------------------------------------------------------------------ state_dict / devices
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.int8_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _weight_shape(self):
+        return (self.out_features, self.in_features)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        w = state_dict.get(key)
-        if w is None:
-            missing_keys.append(key)
-        elif w.dtype != torch.int8 or tuple(w.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"fastdistill.Int8Linear: {key} must be int8 of shape "
-                              f"[{self.out_features}, {self.in_features}], got {w.dtype} {list(w.shape)}")
-            w = None
-        scale_key = prefix + "weight_scale"
-        s = state_dict.get(scale_key)
-        if s is not None and s.dtype != torch.float32:
-            error_msgs.append(f"fastdistill.Int8Linear: {scale_key} must be float32, got {s.dtype}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if w is not None:
-            with torch.no_grad():
-                self.w_packed = ops.int8_pack_weight(w.to(self.weight_scale.device).contiguous())
-
-    def _apply(self, fn, recurse=True):
-        # The packed layout is device-specific: unpack, move the canonical int8 weight, repack there.
-        w = self.int8_weight()
-        self.w_packed = torch.empty(0, dtype=torch.int8, device=self.w_packed.device)
-        super()._apply(fn, recurse)
-        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
-        self.w_packed = ops.int8_pack_weight(fn(w).contiguous())
-        return self
+    def _pack(self, w_int8):
+        return ops.int8_pack_weight(w_int8)
 
 
-class Int8Conv2d(nn.Module):
+class Int8Conv2d(_PackedInt8Weight):
     """An nn.Conv2d with int8 weights (per output channel, symmetric) and int8 activations (per tensor): int32
     accumulation, then y = act(acc * s_x * s_w[n] + bias[n] (+ residual)) in x's dtype, NHWC inside (CPU only).
 
@@ -160,8 +172,9 @@ class Int8Conv2d(nn.Module):
     quantises with s_x = amax(|x|) / 127 of that input, one extra pass over it.
 
     groups is 1 or depthwise (groups == in_channels == out_channels); any stride, zero padding and dilation.
-    `activation` (one of ops.CONV_ACTIVATIONS: 'none', 'relu', 'relu6') and the optional `residual` of forward are applied in the epilogue
-    (residual first: act(conv + residual)); quantize_ fuses a ReLU / ReLU6 that alone reads the conv's output.
+    `activation` (one of ops.CONV_ACTIVATIONS: 'none', 'relu', 'relu6') and the optional `residual` of forward are
+    applied in the epilogue (residual first: act(conv + residual)); quantize_ fuses a ReLU / ReLU6 that alone reads
+    the conv's output.
 
     Memory format: the kernels read NHWC. A channels_last input is read in place; a contiguous (NCHW) input is
     converted once per call (one copy of the input, about a tenth of a 3x3 conv's time at ResNet sizes), so keep
@@ -169,8 +182,7 @@ class Int8Conv2d(nn.Module):
     channels_last.
 
     The state_dict holds the int8 `weight` [Cout, Cin / groups, kh, kw], fp32 `weight_scale` [Cout], `bias` and,
-    when static, fp32 `input_scale` []. The module keeps only the packed layout (a non-persistent buffer, as
-    Int8Linear): `weight` is unpacked from it when the state_dict is built, and packed again on load.
+    when static, fp32 `input_scale` []; `weight` lives only packed (_PackedInt8Weight).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -230,7 +242,7 @@ class Int8Conv2d(nn.Module):
         if tuple(w_int8.shape) != self._weight_shape() or w_int8.dtype != torch.int8:
             raise ValueError(f"fastdistill.Int8Conv2d: weight must be int8 of shape {list(self._weight_shape())}, "
                              f"got {w_int8.dtype} {list(w_int8.shape)}")
-        self.w_packed = ops.int8_conv2d_pack_weight(w_int8.to(self.w_packed.device).contiguous(), self.groups)
+        self.w_packed = self._pack(w_int8.to(self.w_packed.device).contiguous())
         if scales is not None:
             self.weight_scale.copy_(scales)
 
@@ -263,40 +275,21 @@ class Int8Conv2d(nn.Module):
                 f"bias={self.bias is not None}, activation={self.activation}, "
                 f"activations={'static' if self.input_scale is not None else 'dynamic'}")
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.int8_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _pack(self, w_int8):
+        return ops.int8_conv2d_pack_weight(w_int8, self.groups)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key = prefix + "weight"
-        w = state_dict.get(key)
-        if w is None:
-            missing_keys.append(key)
-        elif w.dtype != torch.int8 or tuple(w.shape) != self._weight_shape():
-            error_msgs.append(f"fastdistill.Int8Conv2d: {key} must be int8 of shape {list(self._weight_shape())}, "
-                              f"got {w.dtype} {list(w.shape)}")
-            w = None
         scale = state_dict.get(prefix + "input_scale")
         if scale is not None and self.input_scale is None:  # a static layer's state into a dynamic one
             self.input_scale = torch.zeros((), dtype=torch.float32, device=self.weight_scale.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if w is not None:
-            with torch.no_grad():
-                self.set_int8_weight(w)
 
     def _apply(self, fn, recurse=True):
-        # The packed layout is CPU only: fn (a dtype cast leaves int8 alone) goes to the canonical weight, repacked.
-        w = self.int8_weight()
-        self.w_packed = torch.empty(0, dtype=torch.int8, device=self.w_packed.device)
         super()._apply(fn, recurse)
-        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
         if self.input_scale is not None:
             self.input_scale = self.input_scale.float()
-        self.w_packed = ops.int8_conv2d_pack_weight(fn(w).contiguous(), self.groups)
         return self
 
 
