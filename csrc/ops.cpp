@@ -70,6 +70,8 @@ TORCH_LIBRARY(fastdistill, m) {
   // int8 Conv2d (CPU only so far), NHWC inside. w_int8 [Cout, Cin / groups, kh, kw] (per-output-channel symmetric
   // int8) -> the device's opaque packed conv layout; groups is 1 or depthwise (groups == Cin == Cout).
   m.def("int8_conv2d_pack_weight(Tensor w_int8, int groups) -> Tensor");
+  // The inverse: the int8 [Cout, Cin / groups, kh, kw] weight (`shape`, checked against the packed header).
+  m.def("int8_conv2d_unpack_weight(Tensor w_packed, int[4] shape) -> Tensor");
   // y = act(conv(q(x), w_int8) * s_x * w_scales[n] + bias[n] + residual), int32 accumulation. x [N, C, H, W]
   // fp32/bf16/fp16 in any memory format (channels_last is read in place; another layout is converted once); q(x)
   // per tensor with the static scale x_scale (fp32, 1 element: calibrated, out-of-range values saturate at +-127)

@@ -75,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_levels", &kernel_levels);
   m.def("dispatched_levels", &dispatched_levels);
   m.def("int8_packed_layout", &int8_packed_layout);
+  m.def("int8_max_k", [] { return int8::kMaxK; }, "The largest K of the CPU int8 GEMMs (int32 accumulation)");
+  m.def("int8_conv_gemm_k", &conv::gemm_k, "K of int8_conv2d's implicit GEMM for (cin, kh, kw), groups == 1");
   m.def("int8_conv_packed_bytes", &conv::packed_bytes,
         "Bytes of int8_conv2d_pack_weight's CPU output for (cout, cin, kh, kw, groups)");
   m.def("threads_for_work", &fastdistill::cpu::threads_for_work,

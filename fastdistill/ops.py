@@ -170,16 +170,32 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 def int8_packed_numel(n, k, device):
     """Number of int8 elements of int8_pack_weight's output for an [n, k] weight on `device` (the packed layout
     is opaque and device-specific; its constants come from the extension). n and k may be SymInts."""
-    if _ext._C is None:
-        raise RuntimeError(f"fastdistill.int8_pack_weight: the compiled extension failed to load ({_ext.LOAD_ERROR})")
     try:
-        layout = _ext._C.int8_packed_layout(torch.device(device).type)
+        layout = _layout("int8_pack_weight").int8_packed_layout(torch.device(device).type)
     except ValueError as exc:
         raise NotImplementedError(str(exc)) from None
     n_pad = (n + layout["row_block"] - 1) // layout["row_block"] * layout["row_block"]
     k_pad = (k + layout["k_align"] - 1) // layout["k_align"] * layout["k_align"]
     tail = k_pad - k if layout["k_tail"] else 0
     return layout["header"] + n_pad * (layout["row_bytes"] + k_pad) + tail
+
+
+def _layout(op):
+    if _ext._C is None:
+        raise RuntimeError(f"fastdistill.{op}: the compiled extension failed to load ({_ext.LOAD_ERROR})")
+    return _ext._C
+
+
+def int8_max_k() -> int:
+    """The largest K of the CPU int8 GEMMs (int32 sums of u8 x s8 products: K * 255 * 127 < 2^31), from the
+    extension (int8_pack_weight and int8_conv2d_pack_weight refuse more)."""
+    return _layout("int8_pack_weight").int8_max_k()
+
+
+def int8_conv_gemm_k(cin: int, kh: int, kw: int) -> int:
+    """K of int8_conv2d's implicit GEMM (groups == 1): kh * kw taps of Cin channels padded per tap, from the
+    extension."""
+    return _layout("int8_conv2d_pack_weight").int8_conv_gemm_k(int(cin), int(kh), int(kw))
 
 
 def quantize_per_token(x):
@@ -202,12 +218,14 @@ def int8_unpack_weight(w_packed, n: int, k: int):
     return torch.ops.fastdistill.int8_unpack_weight(w_packed, int(n), int(k))
 
 
-INT8_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+# The epilogue activations each op takes (glue/int8.h's kLinearActivations / kConvActivations, in that order).
+INT8_ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh")
+CONV_ACTIVATIONS = ("none", "relu", "relu6")
 
 
 def int8_linear(x, w_packed, w_scales, bias=None, activation: str = "none", out_dtype=None):
-    """Dynamic W8A8 linear; the epilogue adds the bias, then applies `activation` (one of INT8_ACTIVATIONS; "gelu"
-    is the erf form) in fp32 and stores out_dtype (fp32, bf16 or fp16; None: x's dtype)."""
+    """Dynamic W8A8 linear; the epilogue adds the bias, then applies `activation` (one of INT8_ACTIVATIONS; "relu6"
+    clamps to [0, 6], "gelu" is the erf form) in fp32 and stores out_dtype (fp32, bf16 or fp16; None: x's dtype)."""
     _ext.require("int8_linear", x.device)
     return torch.ops.fastdistill.int8_linear(x, w_packed, w_scales, bias, activation, out_dtype)
 
@@ -235,9 +253,16 @@ def int8_conv2d_pack_weight(w_int8, groups: int = 1):
     return torch.ops.fastdistill.int8_conv2d_pack_weight(w_int8, int(groups))
 
 
+def int8_conv2d_unpack_weight(w_packed, shape):
+    """The packed conv weight's int8 [Cout, Cin / groups, kh, kw] tensor (`shape`, checked against the packing)."""
+    _conv_cpu_only("int8_conv2d_unpack_weight", w_packed.device)
+    return torch.ops.fastdistill.int8_conv2d_unpack_weight(w_packed, [int(s) for s in shape])
+
+
 def int8_conv2d(x, w_packed, w_scales, bias=None, x_scale=None, residual=None, kernel_size=(1, 1), stride=(1, 1),
                 padding=(0, 0), dilation=(1, 1), groups: int = 1, activation: str = "none"):
-    """int8 Conv2d (see Int8Conv2d): static per-tensor activations when x_scale is given, else dynamic."""
+    """int8 Conv2d (see Int8Conv2d): static per-tensor activations when x_scale is given, else dynamic; `activation`
+    is one of CONV_ACTIVATIONS."""
     _conv_cpu_only("int8_conv2d", x.device)
     return torch.ops.fastdistill.int8_conv2d(x, w_packed, w_scales, bias, x_scale, residual, list(kernel_size),
                                              list(stride), list(padding), list(dilation), int(groups), activation)
@@ -294,6 +319,10 @@ if _lib_loaded:
         cout, cin_g, kh, kw = w_int8.shape
         size = _ext._C.int8_conv_packed_bytes(int(cout), int(cin_g * groups), int(kh), int(kw), int(groups))
         return w_int8.new_empty((size,), dtype=torch.int8)
+
+    @torch.library.register_fake("fastdistill::int8_conv2d_unpack_weight")
+    def _int8_conv2d_unpack_weight_fake(w_packed, shape):
+        return w_packed.new_empty(tuple(shape), dtype=torch.int8)
 
     @torch.library.register_fake("fastdistill::int8_conv2d")
     def _int8_conv2d_fake(x, w_packed, w_scales, bias, x_scale, residual, kernel_size, stride, padding, dilation,

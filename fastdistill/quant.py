@@ -5,10 +5,11 @@ activations: static from calibrate, or dynamic), CPU only so far.
 Quantisation: symmetric, zero point 0, s = amax / 127, q = clamp(round(x / s), -127, 127)
 (round half to even; an all-zero row has s = 0, q = 0).
 
-Memory: an Int8Linear keeps ONE copy of its weights, the device's packed layout (a non-persistent
-buffer, ~N*K bytes). Its state_dict still holds the canonical int8 [N, K] `weight`, fp32 `weight_scale`
-[N] and fp32 `bias`: `weight` is unpacked on the fly when the state_dict is built, and packed again by
-load_state_dict and by .to()/.cuda() (the packed layout is device-specific).
+Memory: an Int8Linear or Int8Conv2d keeps ONE copy of its weights, the device's packed layout (a
+non-persistent buffer, ~N*K bytes). Its state_dict still holds the canonical int8 `weight` ([N, K], or
+[Cout, Cin / groups, kh, kw]), fp32 `weight_scale` [N] and fp32 `bias`: `weight` is unpacked on the fly when
+the state_dict is built, and packed again by load_state_dict and by .to()/.cuda() (the packed layout is
+device-specific): _PackedInt8Weight.
 """
 import warnings
 from typing import Optional
@@ -39,14 +40,56 @@ def _check_mode(mode):
         raise ValueError(f"fastdistill.quant: mode must be one of {_MODES}, got {mode!r}")
 
 
-class Int8Linear(nn.Module):
+class _PackedInt8Weight(nn.Module):
+    """The int8 layers keep their canonical int8 `weight` only in the packed buffer `w_packed` (non-persistent):
+    it is unpacked into the state_dict when that is built, packed again by load_state_dict, and on moves and casts
+    (the packed layout is device-specific) unpacked, moved and repacked. A subclass gives int8_weight(),
+    _weight_shape() and _pack(w_int8)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.int8_weight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, shape = prefix + "weight", self._weight_shape()
+        w = state_dict.get(key)
+        if w is None:
+            missing_keys.append(key)
+        elif w.dtype != torch.int8 or tuple(w.shape) != shape:
+            error_msgs.append(f"fastdistill.{type(self).__name__}: {key} must be int8 of shape {list(shape)}, got "
+                              f"{w.dtype} {list(w.shape)}")
+            w = None
+        scale_key = prefix + "weight_scale"
+        s = state_dict.get(scale_key)
+        if s is not None and s.dtype != torch.float32:
+            error_msgs.append(f"fastdistill.{type(self).__name__}: {scale_key} must be float32, got {s.dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if w is not None:
+            with torch.no_grad():
+                self.w_packed = self._pack(w.to(self.weight_scale.device).contiguous())
+
+    def _apply(self, fn, recurse=True):
+        w = self.int8_weight()
+        self.w_packed = torch.empty(0, dtype=torch.int8, device=self.w_packed.device)
+        super()._apply(fn, recurse)
+        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
+        self.w_packed = self._pack(fn(w).contiguous())
+        return self
+
+
+class Int8Linear(_PackedInt8Weight):
     """y = x @ W^T + b with W stored as int8 + per-output-channel fp32 scales.
 
     mode="dynamic": x is quantised per token inside the op (int8 x int8 -> int32, fused dequant + bias).
     mode="weight_only": W is dequantised on the fly inside the GEMM; x stays in floating point.
     The output has x's dtype (fp32, bf16 or fp16).
-    activation ("dynamic" only): applied in the op's epilogue after the bias, in fp32: "none", "relu", "gelu" (erf)
-    or "gelu_tanh" (quantize_(..., fuse=True) sets it where it fuses an FFN's activation; not in the state_dict).
+    activation ("dynamic" only): applied in the op's epilogue after the bias, in fp32: one of ops.INT8_ACTIVATIONS
+    ("none", "relu", "relu6", "gelu" (erf), "gelu_tanh"); quantize_(..., fuse=True) sets it where it fuses an FFN's
+    activation; not in the state_dict.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "dynamic",
@@ -90,7 +133,7 @@ class Int8Linear(nn.Module):
         if w_int8.shape != (self.out_features, self.in_features) or w_int8.dtype != torch.int8:
             raise ValueError(f"fastdistill.Int8Linear: weight must be int8 of shape "
                              f"[{self.out_features}, {self.in_features}], got {w_int8.dtype} {list(w_int8.shape)}")
-        self.w_packed = ops.int8_pack_weight(w_int8.to(self.weight_scale.device).contiguous())
+        self.w_packed = self._pack(w_int8.to(self.weight_scale.device).contiguous())
         if scales is not None:
             if scales.shape != (self.out_features,):
                 raise ValueError(f"fastdistill.Int8Linear: weight_scale must have shape [{self.out_features}], "
@@ -112,48 +155,18 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode}{act}")
 
-    # ------------------------------------------------------------------ state_dict / devices
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.int8_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _weight_shape(self):
+        return (self.out_features, self.in_features)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        w = state_dict.get(key)
-        if w is None:
-            missing_keys.append(key)
-        elif w.dtype != torch.int8 or tuple(w.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"fastdistill.Int8Linear: {key} must be int8 of shape "
-                              f"[{self.out_features}, {self.in_features}], got {w.dtype} {list(w.shape)}")
-            w = None
-        scale_key = prefix + "weight_scale"
-        s = state_dict.get(scale_key)
-        if s is not None and s.dtype != torch.float32:
-            error_msgs.append(f"fastdistill.Int8Linear: {scale_key} must be float32, got {s.dtype}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if w is not None:
-            with torch.no_grad():
-                self.w_packed = ops.int8_pack_weight(w.to(self.weight_scale.device).contiguous())
-
-    def _apply(self, fn, recurse=True):
-        # The packed layout is device-specific: unpack, move the canonical int8 weight, repack there.
-        w = self.int8_weight()
-        self.w_packed = torch.empty(0, dtype=torch.int8, device=self.w_packed.device)
-        super()._apply(fn, recurse)
-        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
-        self.w_packed = ops.int8_pack_weight(fn(w).contiguous())
-        return self
+    def _pack(self, w_int8):
+        return ops.int8_pack_weight(w_int8)
 
 
-_CONV_ACTIVATIONS = ("none", "relu", "relu6")
+# Int8Conv2d.forward's non-epilogue path (a residual the epilogue does not take), one function per CONV_ACTIVATIONS.
 _CONV_ACTIVATION_FNS = {"none": lambda v: v, "relu": torch.relu, "relu6": lambda v: v.clamp(0, 6)}
 
 
-class Int8Conv2d(nn.Module):
+class Int8Conv2d(_PackedInt8Weight):
     """An nn.Conv2d with int8 weights (per output channel, symmetric) and int8 activations (per tensor): int32
     accumulation, then y = act(acc * s_x * s_w[n] + bias[n] (+ residual)) in x's dtype, NHWC inside (CPU only).
 
@@ -163,8 +176,9 @@ class Int8Conv2d(nn.Module):
     quantises with s_x = amax(|x|) / 127 of that input, one extra pass over it.
 
     groups is 1 or depthwise (groups == in_channels == out_channels); any stride, zero padding and dilation.
-    `activation` ('none', 'relu', 'relu6') and the optional `residual` of forward are applied in the epilogue
-    (residual first: act(conv + residual)); quantize_ fuses a ReLU / ReLU6 that alone reads the conv's output.
+    `activation` (one of ops.CONV_ACTIVATIONS: 'none', 'relu', 'relu6') and the optional `residual` of forward are
+    applied in the epilogue (residual first: act(conv + residual)); quantize_ fuses a ReLU / ReLU6 that alone reads
+    the conv's output.
 
     Memory format: the kernels read NHWC. A channels_last input is read in place; a contiguous (NCHW) input is
     converted once per call (one copy of the input, about a tenth of a 3x3 conv's time at ResNet sizes), so keep
@@ -172,7 +186,7 @@ class Int8Conv2d(nn.Module):
     channels_last.
 
     The state_dict holds the int8 `weight` [Cout, Cin / groups, kh, kw], fp32 `weight_scale` [Cout], `bias` and,
-    when static, fp32 `input_scale` []. The packed layout (a non-persistent buffer) is rebuilt on load and on moves.
+    when static, fp32 `input_scale` []; `weight` lives only packed (_PackedInt8Weight).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -186,8 +200,7 @@ class Int8Conv2d(nn.Module):
                              f"out_channels), got groups={groups} for {in_channels} -> {out_channels} channels")
         self.activation = activation
         device = torch.device(device if device is not None else "cpu")
-        w = torch.zeros(out_channels, in_channels // groups, *self.kernel_size, dtype=torch.int8, device=device)
-        self.register_buffer("weight", w)
+        w = torch.zeros(self._weight_shape(), dtype=torch.int8, device=device)
         self.register_buffer("w_packed", ops.int8_conv2d_pack_weight(w, self.groups), persistent=False)
         self.register_buffer("weight_scale", torch.zeros(out_channels, dtype=torch.float32, device=device))
         if bias:
@@ -202,8 +215,8 @@ class Int8Conv2d(nn.Module):
 
     @activation.setter
     def activation(self, value: str):
-        if value not in _CONV_ACTIVATIONS:
-            raise ValueError(f"fastdistill.Int8Conv2d: activation must be one of {_CONV_ACTIVATIONS}, got {value!r}")
+        if value not in ops.CONV_ACTIVATIONS:
+            raise ValueError(f"fastdistill.Int8Conv2d: activation must be one of {ops.CONV_ACTIVATIONS}, got {value!r}")
         self._activation = value
 
     @classmethod
@@ -230,13 +243,19 @@ class Int8Conv2d(nn.Module):
     @torch.no_grad()
     def set_int8_weight(self, w_int8: torch.Tensor, scales: Optional[torch.Tensor] = None):
         """Replace the weights with an int8 [Cout, Cin / groups, kh, kw] tensor (and optionally the fp32 scales)."""
-        if w_int8.shape != self.weight.shape or w_int8.dtype != torch.int8:
-            raise ValueError(f"fastdistill.Int8Conv2d: weight must be int8 of shape {list(self.weight.shape)}, got "
-                             f"{w_int8.dtype} {list(w_int8.shape)}")
-        self.weight.copy_(w_int8)
-        self.w_packed = ops.int8_conv2d_pack_weight(self.weight, self.groups)
+        if tuple(w_int8.shape) != self._weight_shape() or w_int8.dtype != torch.int8:
+            raise ValueError(f"fastdistill.Int8Conv2d: weight must be int8 of shape {list(self._weight_shape())}, "
+                             f"got {w_int8.dtype} {list(w_int8.shape)}")
+        self.w_packed = self._pack(w_int8.to(self.w_packed.device).contiguous())
         if scales is not None:
             self.weight_scale.copy_(scales)
+
+    def _weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 [Cout, Cin / groups, kh, kw] weight (unpacked from the packed layout; a fresh tensor)."""
+        return ops.int8_conv2d_unpack_weight(self.w_packed, self._weight_shape())
 
     @torch.no_grad()
     def set_input_absmax(self, absmax: Optional[torch.Tensor]):
@@ -271,6 +290,9 @@ class Int8Conv2d(nn.Module):
                 f"bias={self.bias is not None}, activation={self.activation}, "
                 f"activations={'static' if self.input_scale is not None else 'dynamic'}")
 
+    def _pack(self, w_int8):
+        return ops.int8_conv2d_pack_weight(w_int8, self.groups)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         scale = state_dict.get(prefix + "input_scale")
@@ -278,15 +300,11 @@ class Int8Conv2d(nn.Module):
             self.input_scale = torch.zeros((), dtype=torch.float32, device=self.weight_scale.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        with torch.no_grad():
-            self.w_packed = ops.int8_conv2d_pack_weight(self.weight, self.groups)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.weight_scale = self.weight_scale.float()  # .half() etc. must not touch the scales
         if self.input_scale is not None:
             self.input_scale = self.input_scale.float()
-        self.w_packed = ops.int8_conv2d_pack_weight(self.weight, self.groups)
         return self
 
 
@@ -308,8 +326,9 @@ def _conv_unsupported(conv: nn.Conv2d) -> str:
         return "padding='same' with an even dilated kernel extent pads asymmetrically"
     if conv.weight.device.type != "cpu":
         return f"it is on {conv.weight.device}: int8 Conv2d has CPU kernels only so far"
-    if conv.groups == 1 and conv.kernel_size[0] * conv.kernel_size[1] * -(-conv.in_channels // 4) * 4 > 65536:
-        return "kh * kw * Cin is above 65536 (int32 accumulation)"
+    k = ops.int8_conv_gemm_k(conv.in_channels, *conv.kernel_size)
+    if conv.groups == 1 and k > ops.int8_max_k():
+        return f"kh * kw * round_up(Cin, 4) = {k} is above {ops.int8_max_k()} (int32 accumulation)"
     return ""
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastdistill
 from fastdistill import Int8Conv2d, calibrate, fold_batchnorm_, ops, quantize_, quantize_per_channel
-from fastdistill.convert import conv_chains
+from fastdistill.convert import CannotConvert, conv_chains
 from fastdistill.isa import available_cpu_isas
 from fastdistill.reference import int8_conv2d_reference
 
@@ -97,7 +97,7 @@ def test_conv_vs_fp64_reference(isa, case, static):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[9], CASES[10]], ids=_case_id)
-@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("activation", ops.CONV_ACTIVATIONS)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_conv_epilogue(isa, case, activation, with_residual, bias):
@@ -205,6 +205,17 @@ def test_zero_input_and_empty_batch(isa):
     assert _run(conv, x[:0], packed, s, conv.bias).shape == (0, 7, 8, 8)
 
 
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_unpack_weight_is_the_inverse_of_pack(case):
+    conv, _ = _conv_inputs(case)
+    q, _, packed = _quantized(conv)
+    q[0].fill_(-127)  # the extremes and a sign change survive the int16 / VNNI layouts
+    q[-1].fill_(127)
+    packed = ops.int8_conv2d_pack_weight(q, conv.groups)
+    w = ops.int8_conv2d_unpack_weight(packed, q.shape)
+    assert w.dtype == torch.int8 and w.is_contiguous() and torch.equal(w, q)
+
+
 # ---------------------------------------------------------------- opcheck / compile
 def test_opcheck():
     for case in (CASES[0], CASES[1], CASES[10]):
@@ -213,6 +224,7 @@ def test_opcheck():
         y = _run(conv, x, packed, s, conv.bias)
         geometry = (list(conv.kernel_size), list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         torch.library.opcheck(torch.ops.fastdistill.int8_conv2d_pack_weight, (q, conv.groups))
+        torch.library.opcheck(torch.ops.fastdistill.int8_conv2d_unpack_weight, (packed, list(q.shape)))
         for args in [(x, packed, s, conv.bias, None, None, *geometry, "none"),
                      (x, packed, s, None, torch.tensor([0.02]), torch.randn(y.shape), *geometry, "relu6"),
                      (x.contiguous().bfloat16(), packed, s, conv.bias, None, None, *geometry, "relu")]:
@@ -369,6 +381,24 @@ def test_quantize_names_the_convs_it_skips():
         quantize_(nn.Sequential(nn.Conv2d(4, 4, 1)), mode="weight_only")
 
 
+def test_conv_k_bound_is_the_int8_gemms():
+    # kh * kw * round_up(Cin, 4) of the implicit GEMM against the int8 GEMM's K bound, both from the extension: the
+    # pack op refuses above it, from_float (and so quantize_) names it, and the largest fitting Cin converts.
+    max_k = ops.int8_max_k()
+    cin_ok = max_k // 9 // 4 * 4
+    cin_big = cin_ok + 1
+    assert ops.int8_conv_gemm_k(cin_big, 3, 3) == 9 * (cin_ok + 4) > max_k >= ops.int8_conv_gemm_k(cin_ok, 3, 3)
+    with pytest.raises(RuntimeError, match=rf"int8_conv2d_pack_weight: kh \* kw \* round_up\(Cin, 4\) must be at most "
+                                           rf"{max_k} \(int32 accumulation of int8 products\), got {9 * (cin_ok + 4)}"):
+        ops.int8_conv2d_pack_weight(torch.zeros(2, cin_big, 3, 3, dtype=torch.int8), 1)
+    with pytest.raises(CannotConvert, match=rf"= {9 * (cin_ok + 4)} is above {max_k} \(int32 accumulation\)"):
+        Int8Conv2d.from_float(nn.Conv2d(cin_big, 2, 3))
+    conv = nn.Conv2d(cin_ok, 2, 3)
+    x = torch.randn(1, cin_ok, 3, 3)
+    y = conv(x)
+    torch.testing.assert_close(Int8Conv2d.from_float(conv)(x), y, rtol=0.05, atol=0.05 * y.abs().max().item())
+
+
 def test_quantize_warns_about_convs_without_calibration():
     model = _small_cnn()
     x = torch.randn(1, 3, 8, 8)
@@ -398,10 +428,15 @@ def test_state_dict_roundtrip_bit_identical():
     sd = torch.load(buf, weights_only=True)
     assert sd["stem.0.weight"].dtype == torch.int8 and sd["stem.0.input_scale"].shape == ()
     assert "stem.0.w_packed" not in sd
+    # one copy of the weights in the module: the packed layout (the state_dict's weight is unpacked from it)
+    assert "weight" not in dict(model.stem[0].named_buffers())
+    assert torch.equal(sd["stem.0.weight"], model.stem[0].int8_weight())
     fresh = _small_cnn()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(fresh)  # dynamic: the static scales come with the state_dict
+    with pytest.raises(RuntimeError, match=r"Int8Conv2d: stem\.0\.weight must be int8 of shape \[8, 3, 3, 3\]"):
+        fresh.load_state_dict({**sd, "stem.0.weight": sd["stem.0.weight"][:, :1]})
     fresh.load_state_dict(sd)
     assert torch.equal(fresh(x), y)
     fresh.half()
@@ -420,7 +455,10 @@ def test_errors():
         op(x[:, :4], packed, s, None, None, None, *geometry, "none")
     with pytest.raises(RuntimeError, match=r"w_packed holds a 3x3 kernel with groups=1, but kernel_size=\[1, 1\]"):
         op(x, packed, s, None, None, None, [1, 1], [1, 1], [0, 0], [1, 1], 1, "none")
-    with pytest.raises(RuntimeError, match=r"activation must be 'none', 'relu' or 'relu6', got 'gelu'"):
+    # The op's list (glue/int8.h) is ops.CONV_ACTIVATIONS, in the same order: int8_linear's GELUs are not in it.
+    names = ", ".join(f"'{a}'" for a in ops.CONV_ACTIVATIONS[:-1]) + f" or '{ops.CONV_ACTIVATIONS[-1]}'"
+    assert names == "'none', 'relu' or 'relu6'"
+    with pytest.raises(RuntimeError, match=rf"activation must be {names}, got 'gelu'$"):
         op(x, packed, s, None, None, None, *geometry, "gelu")
     with pytest.raises(RuntimeError, match=r"x_scale must be a float32 tensor of 1 element"):
         op(x, packed, s, None, torch.ones(2), None, *geometry, "none")
@@ -434,6 +472,9 @@ def test_errors():
         op(x, ops.int8_pack_weight(torch.zeros(7, 45, dtype=torch.int8)), s, None, None, None, *geometry, "none")
     with pytest.raises(RuntimeError, match=r"groups must be 1 or depthwise"):
         ops.int8_conv2d_pack_weight(torch.zeros(8, 2, 3, 3, dtype=torch.int8), 4)
+    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_conv2d_unpack_weight: w_packed holds a \[7, 5, 3, 3\] "
+                                           r"weight, but shape=\[7, 5, 3, 1\] was given"):
+        ops.int8_conv2d_unpack_weight(packed, (7, 5, 3, 1))
     with pytest.raises(ValueError, match=r"groups must be 1 or depthwise"):
         Int8Conv2d(8, 8, 3, groups=2)
     with pytest.raises(NotImplementedError, match=r"int8 Conv2d has CPU kernels only so far; got a tensor on cuda"):

@@ -208,7 +208,7 @@ def test_int8_linear_cuda(M, K, N, dtype):
 
 
 @pytest.mark.parametrize("M", [3, 40])  # GEMV tiles, torch._int_mm + epilogue kernel
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
 def test_int8_linear_activation_epilogue_cuda(M, activation, out_dtype):
     if not _int8_ops_built():

@@ -354,8 +354,12 @@ def test_errors():
         ops.int8_gemm_s32(torch.ones(2, 32), q)
     with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*bias must be float32, bfloat16 or float16, got Long"):
         ops.int8_linear(x, p, s, torch.ones(16, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_pack_weight: K must be at most 65536"):
-        ops.int8_pack_weight(torch.zeros(1, 65537, dtype=torch.int8))
+    # The bound is int32 accumulation of u8 x s8 products, one constant of the extension (ops.int8_max_k).
+    max_k = ops.int8_max_k()
+    assert max_k * 255 * 127 < 2 ** 31
+    with pytest.raises(RuntimeError, match=rf"^fastdistill\.int8_pack_weight: K must be at most {max_k}"):
+        ops.int8_pack_weight(torch.zeros(1, max_k + 1, dtype=torch.int8))
+    ops.int8_pack_weight(torch.zeros(1, max_k, dtype=torch.int8))
     # not a packed weight
     with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: .*w_packed must be a contiguous 1-D int8 tensor"):
         ops.int8_linear(x, q, s, b)

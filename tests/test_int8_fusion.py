@@ -16,7 +16,7 @@ from fastdistill.reference import int8_linear_reference, quantize_symmetric_refe
 from fastdistill.sparse.modules import SparseInt8Linear
 
 SHAPES = [(1, 1, 1), (3, 17, 3), (14, 384, 1536), (7, 100, 33), (130, 40, 129), (9, 4500, 70)]
-ACTS = ["relu", "gelu", "gelu_tanh"]
+ACTS = [a for a in ops.INT8_ACTIVATIONS if a != "none"]
 
 
 def _act64(name, y):
@@ -27,6 +27,8 @@ def _act64(name, y):
         return 0.5 * y * torch.special.erfc(-y / 2 ** 0.5)
     if name == "gelu_tanh":
         return y * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3))
+    if name == "relu6":
+        return y.clamp(0, 6)
     return torch.relu(y) if name == "relu" else y
 
 
@@ -50,7 +52,8 @@ def test_activation_epilogue_vs_fp64(isa, m, k, n, act, out_dtype, bias):
     xq, xs = quantize_symmetric_reference(x)
     x_deq, w_deq = (xq.float() * xs[:, None]).to(out_dtype), (q.float() * s[:, None]).to(out_dtype)
     lin = F.linear(x_deq, w_deq, b.to(out_dtype) if bias else None)
-    plain = {"relu": torch.relu(lin), "gelu": F.gelu(lin), "gelu_tanh": F.gelu(lin, approximate="tanh")}[act]
+    plain = {"relu": torch.relu(lin), "relu6": F.relu6(lin), "gelu": F.gelu(lin),
+             "gelu_tanh": F.gelu(lin, approximate="tanh")}[act]
     err, err_plain = (y.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
     assert err <= 2 * err_plain + 1e-6 * (ref.abs().max().item() + 1), (err, err_plain)
 
@@ -58,13 +61,13 @@ def test_activation_epilogue_vs_fp64(isa, m, k, n, act, out_dtype, bias):
 @pytest.mark.parametrize("act", ACTS)
 def test_activation_epilogue_per_element(isa, act):
     # Per element: the epilogue's activation of the fp32 pre-activation is within a few fp32 units of the fp64
-    # activation of that same value (relu exactly), over the whole range (GELU's negative tail included).
+    # activation of that same value (relu and relu6 exactly), over the whole range (GELU's negative tail included).
     q, s, p, b = _packed(64, 96)
     x = torch.randn(300, 96) * 8
     pre = ops.int8_linear(x, p, s, b)
     y = ops.int8_linear(x, p, s, b, act)
-    if act == "relu":
-        assert torch.equal(y, torch.relu(pre))
+    if act in ("relu", "relu6"):
+        assert torch.equal(y, torch.relu(pre) if act == "relu" else F.relu6(pre))
         return
     want = _act64(act, pre)
     eps = torch.finfo(torch.float32).eps
@@ -102,8 +105,12 @@ def test_out_dtype_is_the_rounded_fp32_output():
 
 def test_activation_errors():
     q, s, p, b = _packed(8, 16)
-    with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: activation must be 'none', 'relu', 'gelu'"):
+    # The op's list (glue/int8.h) is the Python one, in the same order.
+    names = ", ".join(f"'{a}'" for a in ops.INT8_ACTIVATIONS[:-1]) + f" or '{ops.INT8_ACTIVATIONS[-1]}'"
+    with pytest.raises(RuntimeError, match=rf"^fastdistill\.int8_linear: activation must be {names}, got 'silu'$"):
         torch.ops.fastdistill.int8_linear(torch.randn(2, 16), p, s, b, "silu")
+    for act in ops.INT8_ACTIVATIONS:
+        torch.ops.fastdistill.int8_linear(torch.randn(2, 16), p, s, b, act)
     with pytest.raises(RuntimeError, match=r"^fastdistill\.int8_linear: out_dtype must be float32, bfloat16 or float16"):
         ops.int8_linear(torch.randn(2, 16), p, s, b, "none", torch.float64)
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -114,7 +121,8 @@ def test_opcheck_activation_and_out_dtype():
     q, s, p, b = _packed(20, 36)
     x = torch.randn(3, 36)
     for args in [(x, p, s, b, "gelu", None), (x, p, s, None, "gelu_tanh", torch.bfloat16),
-                 (x.bfloat16(), p, s, b, "relu", torch.float32), (x, p, s, b, "none", torch.float16)]:
+                 (x.bfloat16(), p, s, b, "relu", torch.float32),
+                 (x, p, s, b, "relu6", None), (x, p, s, b, "none", torch.float16)]:
         torch.library.opcheck(torch.ops.fastdistill.int8_linear, args)
 
 

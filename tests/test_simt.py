@@ -325,7 +325,7 @@ def test_int8_linear(M, N, K, int_mm):
 
 @pytest.mark.parametrize("M,N,K", [(3, 37, 50), (17, 24, 64), (40, 10, 50)])  # GEMV tiles, _int_mm + epilogue
 @pytest.mark.parametrize("int_mm", [True, False])
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
 def test_int8_linear_activation_epilogue_matches_cpu(M, N, K, int_mm, activation, out_dtype):
     # The GPU kernels' epilogue (bias, then the activation in fp32, then the output dtype) is the CPU op's, bit for bit.

@@ -46,7 +46,7 @@ void depthwise(const ConvParams& p, int64_t m0, int64_t m1) {
         }
       }
       _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) _mm512_store_si512(acc + 16 * v, a[v]);
-      epilogue(p, acc, kPanelCols, nullptr, m, 1, c0, cols);
+      epilogue(p, acc, kPanelCols, kZeroComp, m, 1, c0, cols);
     }
   }
 }

@@ -80,6 +80,31 @@ at::Tensor int8_conv2d_pack_weight(const at::Tensor& w_in, int64_t groups) {
   return packed;
 }
 
+at::Tensor int8_conv2d_unpack_weight(const at::Tensor& packed, at::IntArrayRef shape) {
+  const char* op = "int8_conv2d_unpack_weight";
+  const ConvHeader h = read_header(op, packed);
+  const std::vector<int64_t> held{h.cout, h.cin / h.groups, h.kh, h.kw};
+  TORCH_CHECK(shape.vec() == held, "fastdistill.", op, ": w_packed holds a ", at::IntArrayRef(held),
+              " weight, but shape=", shape, " was given");
+  const int8_t* body = packed.data_ptr<int8_t>() + kHeaderBytes;
+  if (h.groups == 1) {  // the int8 GEMM's [Cout, K] rows, K ordered (kh, kw, cin_pad) -> [Cout, Cin, kh, kw]
+    const int64_t k = gemm_k(h.cin, h.kh, h.kw);
+    at::Tensor wk = at::empty({h.cout, k}, packed.options());
+    at::parallel_for(0, h.cout, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
+      int8::unpack_rows(body, wk.data_ptr<int8_t>(), r0, r1);
+    });
+    return wk.view({h.cout, h.kh, h.kw, round_up(h.cin, kCinAlign)}).narrow(3, 0, h.cin).permute({0, 3, 1, 2})
+        .contiguous();
+  }
+  const int64_t c_pad = round_up(h.cout, kDwAlign), taps = h.kh * h.kw;
+  at::Tensor w = at::empty(held, packed.options());
+  const int32_t* src = reinterpret_cast<const int32_t*>(body);
+  int8_t* dst = w.data_ptr<int8_t>();
+  for (int64_t c = 0; c < h.cout; ++c)
+    for (int64_t t = 0; t < taps; ++t) dst[c * taps + t] = int8_t(int16_t(uint16_t(src[t * c_pad + c])));
+  return w;
+}
+
 at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
                        const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& x_scale,
                        const std::optional<at::Tensor>& residual_in, at::IntArrayRef kernel_size,
@@ -88,7 +113,7 @@ at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const a
   const char* op = "int8_conv2d";
   const fastdistill::conv::ConvGeometry g = fastdistill::conv::check_conv_inputs(
       op, x_in, packed, scales_in, bias_in, x_scale, kernel_size, stride, padding, dilation, groups);
-  const int act = fastdistill::conv::activation_code(op, std::string(activation));
+  const Activation act = fastdistill::int8::parse_activation(op, activation, fastdistill::int8::kConvActivations);
   const ConvHeader h = read_header(op, packed);
   TORCH_CHECK(h.kh == g.kh && h.kw == g.kw && h.groups == g.groups, "fastdistill.", op, ": w_packed holds a ", h.kh,
               "x", h.kw, " kernel with groups=", h.groups, ", but kernel_size=", kernel_size, " groups=", groups,
@@ -161,7 +186,7 @@ at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.residual = residual.defined() ? residual.data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.out_dtype = dt;
-  p.act = Act(act);
+  p.act = act;
   const int8_t* body = packed.data_ptr<int8_t>() + kHeaderBytes;
   if (depthwise) {
     p.dw_w = reinterpret_cast<const int32_t*>(body);
@@ -200,5 +225,6 @@ at::Tensor int8_conv2d(const at::Tensor& x_in, const at::Tensor& packed, const a
 TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   using namespace fastdistill::cpu::conv;
   m.impl("int8_conv2d_pack_weight", &int8_conv2d_pack_weight);
+  m.impl("int8_conv2d_unpack_weight", &int8_conv2d_unpack_weight);
   m.impl("int8_conv2d", &int8_conv2d);
 }

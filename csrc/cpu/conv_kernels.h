@@ -19,6 +19,7 @@
 
 namespace fastdistill::cpu::conv {
 
+using int8::Activation;
 using int8::Int8Kernels;
 
 constexpr int64_t kHeaderBytes = 64;
@@ -38,8 +39,6 @@ inline int64_t packed_bytes(int64_t cout, int64_t cin, int64_t kh, int64_t kw, i
   if (groups == 1) return kHeaderBytes + int8::packed_bytes(cout, gemm_k(cin, kh, kw));
   return kHeaderBytes + 4 * kh * kw * int8::round_up(cout, kDwAlign);
 }
-
-enum class Act : int { none = 0, relu = 1, relu6 = 2 };
 
 struct ConvParams {
   int64_t n = 0, h = 0, w = 0, c = 0;     // input, NHWC
@@ -63,7 +62,7 @@ struct ConvParams {
   const void* residual = nullptr;     // [m][cout] in out_dtype, or null
   void* out = nullptr;                // [m][cout]
   DType out_dtype = DType::f32;
-  Act act = Act::none;
+  Activation act = Activation::none;  // none, relu or relu6 (glue/int8.h's parse_activation)
 };
 
 // Tasks (conv_cpu.cpp) are output pixel ranges of whole kTileRows tiles (the last one short) x panel ranges.

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <string>
 
 #include "glue/int8.h"
 
@@ -14,13 +13,6 @@ struct ConvGeometry {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw, groups;
   int64_t oh, ow;
 };
-
-inline int activation_code(const char* op, const std::string& act) {
-  if (act == "none") return 0;
-  if (act == "relu") return 1;
-  if (act == "relu6") return 2;
-  TORCH_CHECK(false, "fastdistill.", op, ": activation must be 'none', 'relu' or 'relu6', got '", act, "'");
-}
 
 inline void check_pair(const char* op, const char* what, at::IntArrayRef v, int64_t min) {
   TORCH_CHECK(v.size() == 2 && v[0] >= min && v[1] >= min, "fastdistill.", op, ": ", what, " must be 2 integers >= ",

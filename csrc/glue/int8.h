@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -50,15 +51,36 @@ inline void check_linear_inputs(const char* op, const at::Tensor& x, const at::T
   }
 }
 
-// int8_linear's epilogue options: the activation by name, and the output dtype (x's when None; fp32, bf16 or fp16).
-inline Activation parse_activation(const char* op, c10::string_view a) {
-  if (a == "none") return Activation::none;
-  if (a == "relu") return Activation::relu;
-  if (a == "gelu") return Activation::gelu;
-  if (a == "gelu_tanh") return Activation::gelu_tanh;
-  TORCH_CHECK(false, "fastdistill.", op, ": activation must be 'none', 'relu', 'gelu' or 'gelu_tanh', got '", a, "'");
+// The epilogue's activation by name, one of the op's list (named in the error): int8_linear takes every activation;
+// int8_conv2d the ones a CNN fuses (none, relu, relu6: its tests bound its epilogue by fp32 rounding alone, which
+// GELU's approximations are not). fastdistill/ops.py's INT8_ACTIVATIONS / CONV_ACTIVATIONS are these lists.
+inline constexpr Activation kLinearActivations[] = {Activation::none, Activation::relu, Activation::relu6,
+                                                    Activation::gelu, Activation::gelu_tanh};
+inline constexpr Activation kConvActivations[] = {Activation::none, Activation::relu, Activation::relu6};
+
+inline const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::relu: return "relu";
+    case Activation::relu6: return "relu6";
+    case Activation::gelu: return "gelu";
+    case Activation::gelu_tanh: return "gelu_tanh";
+    default: return "none";
+  }
 }
 
+inline Activation parse_activation(const char* op, c10::string_view name,
+                                   c10::ArrayRef<Activation> allowed = kLinearActivations) {
+  std::string names;
+  for (size_t i = 0; i < allowed.size(); ++i) {
+    if (name == activation_name(allowed[i])) return allowed[i];
+    names += i == 0 ? "'" : i + 1 == allowed.size() ? " or '" : ", '";
+    names += activation_name(allowed[i]);
+    names += "'";
+  }
+  TORCH_CHECK(false, "fastdistill.", op, ": activation must be ", names, ", got '", name, "'");
+}
+
+// The output dtype: x's when None; fp32, bf16 or fp16.
 inline at::ScalarType out_scalar_type(const char* op, const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
   const at::ScalarType t = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "fastdistill.", op,

@@ -24,8 +24,9 @@ struct QuantParams {
   const float* fixed_scale = nullptr;
 };
 
-// The activation of int8_linear's epilogue, applied in fp32 after the bias, before the output's rounding.
-enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3 };
+// The activation of the int8 epilogues (int8_linear, int8_conv2d), applied in fp32 after the bias (and the residual),
+// before the output's rounding. Names and which op takes which: glue/int8.h's parse_activation.
+enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, relu6 = 4 };
 
 // Plain float arithmetic with explicit fmas, written once for every device: the CPU epilogue (each ISA level's copy
 // auto-vectorizes it and, with no contraction in ISO C++, computes the same bits), the CUDA kernels and the emulator.
@@ -54,7 +55,8 @@ FD_HD float exp_clamped(float x) {
 // (v + 0.044715 v^3): the tanh form's 0.5 (1 + tanh u) is the logistic of 2u.
 FD_HD float activate(Activation a, float v) {
   switch (a) {
-    case Activation::relu: return v < 0.f ? 0.f : v;
+    case Activation::relu: return v < 0.f ? 0.f : v;  // (NaN stays NaN, as in torch.relu)
+    case Activation::relu6: return v < 0.f ? 0.f : v > 6.f ? 6.f : v;
     case Activation::gelu: {
       const float t = fabsf(v) * 0.707106781186547524f;
       const float s = 1.f / fmaf(0.3275911f, t, 1.f);
