@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdistill.recover import DEFAULT_LR
+from fastdistill.recover import DEFAULT_HIDDEN_WEIGHT, DEFAULT_LR, DEFAULT_SCHEDULE
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 SPARSITIES = ("2:4", "none")
@@ -42,6 +42,7 @@ QUANTIZATIONS = ("int8", "none")
 # Linear layers under these module names are output heads (BERT's pooler, classifiers, lm_head): left dense.
 HEAD_NAMES = ("pooler", "lm_head", "classifier", "score", "qa_outputs")
 DEFAULT_RECOVER_STEPS = 100
+DEFAULT_CALIB = 256
 LATENCY_BATCHES = (1, 32)
 
 
@@ -97,6 +98,17 @@ class Encoder:
     def transformer(self, model: nn.Module) -> nn.Module:
         """The transformers model inside `model` (self.model or a copy of it)."""
         return model.get_submodule(self.prefix) if self.prefix else model
+
+    def layers(self, model: nn.Module) -> str:
+        """The fqn (in `model`) of the transformer's list of layers: its nn.ModuleList of config.num_hidden_layers
+        modules (BERT's encoder.layer)."""
+        transformer = self.transformer(model)
+        n = getattr(transformer.config, "num_hidden_layers", None)
+        name = next((fqn for fqn, mod in transformer.named_modules() if isinstance(mod, nn.ModuleList)
+                     and len(mod) == n), None)
+        if name is None:
+            _fail(f"{self.name}: found no nn.ModuleList of its {n} layers (config.num_hidden_layers)")
+        return f"{self.prefix}.{name}" if self.prefix else name
 
     def batches(self, sentences: List[str], batch_size: int) -> List[dict]:
         """Tokenised batches, sentences sorted by token count so that little of a batch is padding (padded
@@ -204,11 +216,51 @@ def stored_bytes(directory: Path) -> int:
     return (directory / WEIGHTS_FILE).stat().st_size
 
 
+# ----------------------------------------------------------------------------------------- the steps
+def recovery_batches(encoder: Encoder, sentences: List[str], batch_size: int) -> List[dict]:
+    """Every training sentence, batched by length, the batches shuffled (seed 0) so that training sees every length
+    from the start."""
+    batches = encoder.batches(sentences, batch_size)
+    random.Random(0).shuffle(batches)
+    return batches
+
+
+def layer_pairs(encoder: Encoder, student: nn.Module, teacher: nn.Module,
+                keep: Optional[List[int]] = None) -> Dict[str, str]:
+    """{student layer fqn: teacher layer fqn} for recover(hidden_states=...): layer i of the student is teacher
+    layer keep[i] (default: the same layer)."""
+    s_list, t_list = encoder.layers(student), encoder.layers(teacher)
+    n = len(student.get_submodule(s_list))
+    keep = list(range(n)) if keep is None else keep
+    return {f"{s_list}.{i}": f"{t_list}.{j}" for i, j in enumerate(keep)}
+
+
+def distill(encoder: Encoder, student: nn.Module, teacher: nn.Module, batches: List[dict],
+            masks: Dict[str, torch.Tensor], *, steps: int, lr: float = DEFAULT_LR,
+            hidden_weight: float = DEFAULT_HIDDEN_WEIGHT, schedule: str = DEFAULT_SCHEDULE,
+            keep: Optional[List[int]] = None) -> List[float]:
+    """recover() with the embedding objective and every layer's output matched to the teacher's (layer_pairs)."""
+    import fastdistill
+
+    return fastdistill.recover(student, teacher, batches, masks, steps=steps, objective="embedding",
+                               forward=encoder.forward, lr=lr, hidden_weight=hidden_weight,
+                               schedule=schedule, hidden_states=layer_pairs(encoder, student, teacher, keep))
+
+
+def prune(encoder: Encoder, model: nn.Module, calib_batches: List[dict], method: str) -> Dict[str, torch.Tensor]:
+    """calibrate + prune_2_4_ every prunable Linear of `model` in place; returns the masks."""
+    import fastdistill
+
+    calib = None if method == "magnitude" else fastdistill.calibrate(
+        model, calib_batches, is_prunable, forward=encoder.forward, gram=method == "sparsegpt")
+    return fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_prunable)
+
+
 # ----------------------------------------------------------------------------------------- the pipeline
 def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *, method: str = "sparsegpt",
              sparsity: str = "2:4", quantize: str = "int8", recover_steps: int = DEFAULT_RECOVER_STEPS,
-             n_calib: int = 256, n_eval: int = 512, batch_size: int = 32, lr: float = DEFAULT_LR,
-             latency_repeats: int = 20, plot: bool = True, log=print) -> dict:
+             n_calib: int = DEFAULT_CALIB, n_eval: int = 512, batch_size: int = 32, lr: float = DEFAULT_LR,
+             hidden_weight: float = DEFAULT_HIDDEN_WEIGHT, latency_repeats: int = 20, plot: bool = True, log=print) -> dict:
     """Run the pipeline of the module docstring; returns (and writes to out_dir/results.json) every stage's
     fidelity, plus bytes and latency of the dense model and of the saved result."""
     import fastdistill
@@ -260,18 +312,13 @@ def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *,
     masks = {}
     if sparsity == "2:4":
         t0 = time.perf_counter()
-        calib = None if method == "magnitude" else fastdistill.calibrate(
-            model, calib_batches, is_prunable, forward=encoder.forward, gram=method == "sparsegpt")
-        masks = fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_prunable)
+        masks = prune(encoder, model, calib_batches, method)
         timings["calibrate_prune_s"] = time.perf_counter() - t0
-        del calib
         stage(f"2:4 {method}", model)
         if recover_steps:
             t0 = time.perf_counter()
-            recovery = encoder.batches(train_sentences, batch_size)
-            random.Random(0).shuffle(recovery)   # batches are sorted by length; train on every length from the start
-            losses = fastdistill.recover(model, dense, recovery, masks, steps=recover_steps, objective="embedding",
-                                         forward=encoder.forward, lr=lr)
+            losses = distill(encoder, model, dense, recovery_batches(encoder, train_sentences, batch_size), masks,
+                             steps=recover_steps, lr=lr, hidden_weight=hidden_weight)
             timings["recover_s"] = time.perf_counter() - t0
             timings["recover_loss_first_last"] = [losses[0], losses[-1]]
             stage("2:4 recovered", model)
