@@ -1,5 +1,5 @@
 # make test  - create .venv if absent, install torch + build fastdistill, run the tests
-# make demo  - same setup, then run the end-to-end demo
+# make demo  - same setup, then the end-to-end demo on all-MiniLM-L6-v2 (fastdistill demo; --quick: digits MLP)
 # make bench - same setup (the test extra brings the peer runtimes), then the kernel and MiniLM benchmark tables
 # make gpu-check OUT=dir - on a GPU machine: build for sm_90, CUDA tests, sanitizers, GPU bench (benchmarks/gpu_check.sh)
 VENV       ?= .venv
