@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fastdistill
-from fastdistill.compress import compress
+from fastdistill.compress import _sentence_cache, _stdlib_files, compress, stdlib_sentences
 
 
 def quiet(*_):
@@ -96,6 +96,13 @@ def test_sparsity_only_magnitude(bert_dir, tmp_path):
 def test_bad_options(bert_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=rf"^fastdistill\.compress: {re.escape(message)}"):
         compress(str(bert_dir), str(tmp_path), log=quiet, **kwargs)
+
+
+def test_stdlib_sentences_are_kept_on_disk():
+    train, held_out = stdlib_sentences()
+    assert len(train) >= 1024 and len(held_out) >= 1024 and not set(train) & set(held_out)
+    cache = _sentence_cache(*_stdlib_files())
+    assert json.loads(cache.read_text()) == [train, held_out]
 
 
 def test_not_a_model(tmp_path):
