@@ -71,21 +71,17 @@ def _statements(tree: ast.Module):
                 queue.extend(getattr(node, name))
 
 
-def _stdlib_files() -> Tuple[Path, List[Path]]:
-    """The standard library's directory and its sorted .py sources, test packages and site-packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return root, sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0]
-                        and "site-packages" not in p.parts)
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _sentence_cache(root: Path, files: List[Path]) -> Path:
+def _sentence_cache(root: Path) -> Path:
     """Where the lists for this standard library are kept: FASTDISTILL_CACHE_DIR (default ~/.cache/fastdistill),
-    named by the rules' version and a digest of the Python version and every source file's path and size."""
+    named by the rules' version and a digest of the Python version (its build included) and the library's path (a
+    hit costs no walk over the library)."""
     base = os.environ.get("FASTDISTILL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastdistill")
-    digest = hashlib.sha256(f"{sys.version}\n{root}\n".encode())
-    for p in files:
-        digest.update(f"{p.relative_to(root)}\t{p.stat().st_size}\n".encode())
-    return Path(base) / f"stdlib_sentences_v{_SENTENCE_RULES}_{digest.hexdigest()[:16]}.json"
+    digest = hashlib.sha256(f"{sys.version}\n{root}".encode()).hexdigest()[:16]
+    return Path(base) / f"stdlib_sentences_v{_SENTENCE_RULES}_{digest}.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,13 +90,15 @@ def stdlib_sentences() -> Tuple[List[str], List[str]]:
     that read as an English sentence (capitalised, ending in '.', 5 to 30 words, no markup), deduplicated. Parsing
     the library takes 10-50 s on 2 cores, so the lists are kept in a JSON file (_sentence_cache; skipped when it
     cannot be written) and in memory; treat them as read-only."""
-    root, files = _stdlib_files()
-    cache = _sentence_cache(root, files)
+    root = _stdlib_root()
+    cache = _sentence_cache(root)
     try:
         train, held_out = json.loads(cache.read_text())
         return train, held_out
     except (OSError, ValueError, TypeError):
         pass
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0]
+                   and "site-packages" not in p.parts)
     seen = set()
     halves: Tuple[List[str], List[str]] = ([], [])
     for i, path in enumerate(files):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fastdistill
-from fastdistill.compress import _sentence_cache, _stdlib_files, compress, stdlib_sentences
+from fastdistill.compress import _sentence_cache, _stdlib_root, compress, stdlib_sentences
 
 
 def quiet(*_):
@@ -101,7 +101,7 @@ def test_bad_options(bert_dir, tmp_path, kwargs, message):
 def test_stdlib_sentences_are_kept_on_disk():
     train, held_out = stdlib_sentences()
     assert len(train) >= 1024 and len(held_out) >= 1024 and not set(train) & set(held_out)
-    cache = _sentence_cache(*_stdlib_files())
+    cache = _sentence_cache(_stdlib_root())
     assert json.loads(cache.read_text()) == [train, held_out]
 
 
