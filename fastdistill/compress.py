@@ -20,9 +20,12 @@ alternated in one run on this CPU.
 import ast
 import copy
 import functools
+import hashlib
 import json
+import os
 import random
 import statistics
+import sys
 import sysconfig
 import tempfile
 import time
@@ -34,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdistill.recover import DEFAULT_LR
+from fastdistill.recover import DEFAULT_HIDDEN_WEIGHT, DEFAULT_LR, DEFAULT_SCHEDULE
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 SPARSITIES = ("2:4", "none")
@@ -42,6 +45,7 @@ QUANTIZATIONS = ("int8", "none")
 # Linear layers under these module names are output heads (BERT's pooler, classifiers, lm_head): left dense.
 HEAD_NAMES = ("pooler", "lm_head", "classifier", "score", "qa_outputs")
 DEFAULT_RECOVER_STEPS = 100
+DEFAULT_CALIB = 256
 LATENCY_BATCHES = (1, 32)
 
 
@@ -50,12 +54,49 @@ def _fail(message: str):
 
 
 # ----------------------------------------------------------------------------------------- sentences
+# Bump when the selection below changes, so that cached lists made by older rules are not reused.
+_SENTENCE_RULES = 1
+# The fields that hold statements (handlers: except clauses, cases: match cases, both with bodies of statements).
+_STATEMENT_LISTS = frozenset({"body", "orelse", "finalbody", "handlers", "cases"})
+
+
+def _statements(tree: ast.Module):
+    """The statements of `tree` in ast.walk's (breadth-first) order; expressions are not entered, since no
+    statement (so no def or class) sits inside one. 3x faster than ast.walk over every node (the stdlib, busy Zen 4)."""
+    queue = [tree]
+    for node in queue:
+        yield node
+        for name in node._fields:   # in field order, as ast.walk (Try: body, handlers, orelse, finalbody)
+            if name in _STATEMENT_LISTS:
+                queue.extend(getattr(node, name))
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _sentence_cache(root: Path) -> Path:
+    """Where the lists for this standard library are kept: FASTDISTILL_CACHE_DIR (default ~/.cache/fastdistill),
+    named by the rules' version and a digest of the Python version (its build included) and the library's path (a
+    hit costs no walk over the library)."""
+    base = os.environ.get("FASTDISTILL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastdistill")
+    digest = hashlib.sha256(f"{sys.version}\n{root}".encode()).hexdigest()[:16]
+    return Path(base) / f"stdlib_sentences_v{_SENTENCE_RULES}_{digest}.json"
+
+
 @functools.lru_cache(maxsize=1)
 def stdlib_sentences() -> Tuple[List[str], List[str]]:
     """(from even-numbered files, from odd-numbered files) of the sorted stdlib .py sources: docstring first lines
-    that read as an English sentence (capitalised, ending in '.', 5 to 30 words, no markup), deduplicated. (Parsing
-    the library takes seconds: the result is kept; treat the lists as read-only.)"""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    that read as an English sentence (capitalised, ending in '.', 5 to 30 words, no markup), deduplicated. Parsing
+    the library takes 10-50 s on 2 cores, so the lists are kept in a JSON file (_sentence_cache; skipped when it
+    cannot be written) and in memory; treat them as read-only."""
+    root = _stdlib_root()
+    cache = _sentence_cache(root)
+    try:
+        train, held_out = json.loads(cache.read_text())
+        return train, held_out
+    except (OSError, ValueError, TypeError):
+        pass
     files = sorted(p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts[0]
                    and "site-packages" not in p.parts)
     seen = set()
@@ -65,7 +106,7 @@ def stdlib_sentences() -> Tuple[List[str], List[str]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
+        for node in _statements(tree):
             if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             doc = ast.get_docstring(node)
@@ -74,6 +115,13 @@ def stdlib_sentences() -> Tuple[List[str], List[str]]:
                     and 5 <= len(line.split()) <= 30 and not any(c in line for c in "<>`|=*_{}[]\\")):
                 seen.add(line)
                 halves[i % 2].append(line)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(halves))
+        tmp.replace(cache)   # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:
+        pass
     return halves
 
 
@@ -97,6 +145,17 @@ class Encoder:
     def transformer(self, model: nn.Module) -> nn.Module:
         """The transformers model inside `model` (self.model or a copy of it)."""
         return model.get_submodule(self.prefix) if self.prefix else model
+
+    def layers(self, model: nn.Module) -> str:
+        """The fqn (in `model`) of the transformer's list of layers: its nn.ModuleList of config.num_hidden_layers
+        modules (BERT's encoder.layer)."""
+        transformer = self.transformer(model)
+        n = getattr(transformer.config, "num_hidden_layers", None)
+        name = next((fqn for fqn, mod in transformer.named_modules() if isinstance(mod, nn.ModuleList)
+                     and len(mod) == n), None)
+        if name is None:
+            _fail(f"{self.name}: found no nn.ModuleList of its {n} layers (config.num_hidden_layers)")
+        return f"{self.prefix}.{name}" if self.prefix else name
 
     def batches(self, sentences: List[str], batch_size: int) -> List[dict]:
         """Tokenised batches, sentences sorted by token count so that little of a batch is padding (padded
@@ -204,11 +263,52 @@ def stored_bytes(directory: Path) -> int:
     return (directory / WEIGHTS_FILE).stat().st_size
 
 
+# ----------------------------------------------------------------------------------------- the steps
+def recovery_batches(encoder: Encoder, sentences: List[str], batch_size: int) -> List[dict]:
+    """Every training sentence, batched by length, the batches shuffled (seed 0) so that training sees every length
+    from the start."""
+    batches = encoder.batches(sentences, batch_size)
+    random.Random(0).shuffle(batches)
+    return batches
+
+
+def layer_pairs(encoder: Encoder, student: nn.Module, teacher: nn.Module,
+                keep: Optional[List[int]] = None) -> Dict[str, str]:
+    """{student layer fqn: teacher layer fqn} for recover(hidden_states=...): layer i of the student is teacher
+    layer keep[i] (default: the same layer)."""
+    s_list, t_list = encoder.layers(student), encoder.layers(teacher)
+    n = len(student.get_submodule(s_list))
+    keep = list(range(n)) if keep is None else keep
+    return {f"{s_list}.{i}": f"{t_list}.{j}" for i, j in enumerate(keep)}
+
+
+def distill(encoder: Encoder, student: nn.Module, teacher: nn.Module, batches: List[dict],
+            masks: Dict[str, torch.Tensor], *, steps: int, lr: float = DEFAULT_LR,
+            hidden_weight: float = DEFAULT_HIDDEN_WEIGHT, schedule: str = DEFAULT_SCHEDULE,
+            keep: Optional[List[int]] = None) -> List[float]:
+    """recover() with the embedding objective and every layer's output matched to the teacher's (layer_pairs)."""
+    import fastdistill
+
+    return fastdistill.recover(student, teacher, batches, masks, steps=steps, objective="embedding",
+                               forward=encoder.forward, lr=lr, hidden_weight=hidden_weight,
+                               schedule=schedule, hidden_states=layer_pairs(encoder, student, teacher, keep))
+
+
+def prune(encoder: Encoder, model: nn.Module, calib_batches: List[dict], method: str) -> Dict[str, torch.Tensor]:
+    """calibrate + prune_2_4_ every prunable Linear of `model` in place; returns the masks."""
+    import fastdistill
+
+    calib = None if method == "magnitude" else fastdistill.calibrate(
+        model, calib_batches, is_prunable, forward=encoder.forward, gram=method == "sparsegpt")
+    return fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_prunable)
+
+
 # ----------------------------------------------------------------------------------------- the pipeline
 def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *, method: str = "sparsegpt",
              sparsity: str = "2:4", quantize: str = "int8", recover_steps: int = DEFAULT_RECOVER_STEPS,
-             n_calib: int = 256, n_eval: int = 512, batch_size: int = 32, lr: float = DEFAULT_LR,
-             latency_repeats: int = 20, plot: bool = True, log=print) -> dict:
+             n_calib: int = DEFAULT_CALIB, n_eval: int = 512, batch_size: int = 32, lr: float = DEFAULT_LR,
+             hidden_weight: float = DEFAULT_HIDDEN_WEIGHT, latency_repeats: int = 20, plot: bool = True,
+             log=print) -> dict:
     """Run the pipeline of the module docstring; returns (and writes to out_dir/results.json) every stage's
     fidelity, plus bytes and latency of the dense model and of the saved result."""
     import fastdistill
@@ -260,18 +360,13 @@ def compress(model_path: Optional[str] = None, out_dir: str = "compress_out", *,
     masks = {}
     if sparsity == "2:4":
         t0 = time.perf_counter()
-        calib = None if method == "magnitude" else fastdistill.calibrate(
-            model, calib_batches, is_prunable, forward=encoder.forward, gram=method == "sparsegpt")
-        masks = fastdistill.prune_2_4_(model, calib, method=method, filter_fn=is_prunable)
+        masks = prune(encoder, model, calib_batches, method)
         timings["calibrate_prune_s"] = time.perf_counter() - t0
-        del calib
         stage(f"2:4 {method}", model)
         if recover_steps:
             t0 = time.perf_counter()
-            recovery = encoder.batches(train_sentences, batch_size)
-            random.Random(0).shuffle(recovery)   # batches are sorted by length; train on every length from the start
-            losses = fastdistill.recover(model, dense, recovery, masks, steps=recover_steps, objective="embedding",
-                                         forward=encoder.forward, lr=lr)
+            losses = distill(encoder, model, dense, recovery_batches(encoder, train_sentences, batch_size), masks,
+                             steps=recover_steps, lr=lr, hidden_weight=hidden_weight)
             timings["recover_s"] = time.perf_counter() - t0
             timings["recover_loss_first_last"] = [losses[0], losses[-1]]
             stage("2:4 recovered", model)

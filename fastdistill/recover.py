@@ -19,6 +19,7 @@ prune_2_4_ returned, so the student is exactly as sparse afterwards as before. O
                never exist.
 """
 import itertools
+import math
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -31,11 +32,18 @@ from fastdistill.loss import kd_loss
 from fastdistill.sparse.finetune import apply_2_4_masks
 
 OBJECTIVES = ("embedding", "logits", "causal_lm")
+SCHEDULES = ("constant", "cosine")
 # In-batch similarity rows are cosines in [-1, 1]: at T = 0.05 their softmax is as peaked as a contrastive loss's.
 DEFAULT_TEMPERATURE = {"embedding": 0.05, "logits": 2.0, "causal_lm": 1.0}
 DEFAULT_SIMILARITY_WEIGHT = 0.01
 # AdamW on every parameter: 1e-4 and 2e-4 gave the same MiniLM recovery over 60 steps (0.913, 0.912)
 DEFAULT_LR = 1e-4
+
+
+DEFAULT_HIDDEN_WEIGHT = 1.0
+DEFAULT_SCHEDULE = "constant"
+# Linear warm-up over this share of the steps when schedule is "cosine".
+WARMUP_SHARE = 0.05
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -68,6 +76,38 @@ def _rows(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relative squared error sum((s - t)^2) / sum(t^2) over rows [R, H] (scale-free, so layers of different
+    magnitude weigh alike)."""
+    s, t = student.float(), teacher.float()
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _modules(model: nn.Module, fqns, owner: str) -> Dict[str, nn.Module]:
+    try:
+        return {fqn: model.get_submodule(fqn) for fqn in fqns}
+    except AttributeError as exc:
+        raise ValueError(f"fastdistill.recover: hidden_states names a module the {owner} does not have ({exc})") from None
+
+
+def _capture(modules: Dict[str, nn.Module], store: dict) -> list:
+    return [mod.register_forward_hook(lambda m, a, out, fqn=fqn: store.__setitem__(fqn, _first_tensor(out)))
+            for fqn, mod in modules.items()]
+
+
+def _lr_factor(step: int, steps: int, schedule: str) -> float:
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, round(WARMUP_SHARE * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 def _head(model: nn.Module):
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
@@ -81,13 +121,18 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
             steps: int, objective: str = "embedding", forward: Optional[Callable[[nn.Module, Any], Any]] = None,
             lr: float = DEFAULT_LR, temperature: Optional[float] = None,
             similarity_weight: float = DEFAULT_SIMILARITY_WEIGHT,
-            progress: bool = True) -> List[float]:
+            hidden_states: Optional[Dict[str, str]] = None, hidden_weight: float = DEFAULT_HIDDEN_WEIGHT,
+            schedule: str = DEFAULT_SCHEDULE, progress: bool = True) -> List[float]:
     """Fine-tune `student` (pruned by prune_2_4_, which returned `masks`) for `steps` AdamW steps (lr, no weight
     decay) on `batches` (cycled), distilling from `teacher` (its dense original, run in eval mode under no_grad).
     Returns the loss of every step. The student runs in eval mode too (dropout off: its targets are the teacher's
     deterministic outputs) and is left in eval mode; `masks` are kept exactly (apply_2_4_masks(masks=...)), and
     the weights they prune are 0 afterwards. objective, forward and temperature (default per objective:
-    DEFAULT_TEMPERATURE) as in the module docstring. progress: a tqdm bar (FASTDISTILL_NO_PROGRESS=1 hides it)."""
+    DEFAULT_TEMPERATURE) as in the module docstring. hidden_states: {student module fqn: teacher module fqn}
+    whose outputs (the first tensor of a tuple) are matched too, hidden_weight times the mean over the pairs of
+    hidden_state_loss (rows at attention_mask 0 left out when the batch is a dict with one), e.g. every
+    transformer layer. schedule: "constant" lr, or "cosine" (linear warm-up over WARMUP_SHARE of the steps, then
+    cosine decay to 0). progress: a tqdm bar (FASTDISTILL_NO_PROGRESS=1 hides it)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"fastdistill.recover: objective must be one of {', '.join(map(repr, OBJECTIVES))}, "
                          f"got {objective!r}")
@@ -99,6 +144,13 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
         raise ValueError(f"fastdistill.recover: lr must be > 0, got {lr}")
     if similarity_weight < 0:
         raise ValueError(f"fastdistill.recover: similarity_weight must be >= 0, got {similarity_weight}")
+    if hidden_weight < 0:
+        raise ValueError(f"fastdistill.recover: hidden_weight must be >= 0, got {hidden_weight}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"fastdistill.recover: schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                         f"got {schedule!r}")
+    pairs = dict(hidden_states or {}) if hidden_weight > 0 else {}
+    s_mods, t_mods = _modules(student, pairs, "student"), _modules(teacher, pairs.values(), "teacher")
     batches = list(batches)
     if steps and not batches:
         raise ValueError("fastdistill.recover: no batches")
@@ -114,12 +166,18 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
             target = forward(teacher, batch)
         out = forward(student, batch)
         if objective == "embedding":
-            return embedding_loss(out, target, t, similarity_weight)
-        if objective == "logits":
-            return kd_loss(out, target, temperature=t)
-        (s_head, t_head) = heads
-        return fused_linear_kd_loss(_rows(out, batch), s_head.weight, _rows(target, batch), t_head.weight,
-                                    student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=t)
+            loss = embedding_loss(out, target, t, similarity_weight)
+        elif objective == "logits":
+            loss = kd_loss(out, target, temperature=t)
+        else:
+            (s_head, t_head) = heads
+            loss = fused_linear_kd_loss(_rows(out, batch), s_head.weight, _rows(target, batch), t_head.weight,
+                                        student_bias=s_head.bias, teacher_bias=t_head.bias, temperature=t)
+        if pairs:
+            hidden = sum(hidden_state_loss(_rows(s_out[s], batch), _rows(t_out[t_], batch))
+                         for s, t_ in pairs.items())
+            loss = loss + hidden_weight * hidden / len(pairs)
+        return loss
 
     teacher_mode = teacher.training
     teacher.eval()
@@ -134,6 +192,9 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
             bar = tqdm(bar, desc="recovery", leave=False)
         except ImportError:   # the bar is optional
             pass
+    s_out, t_out = {}, {}
+    hooks = _capture(s_mods, s_out) + _capture(t_mods, t_out)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(i, steps, schedule))
     handle = apply_2_4_masks(student, masks=masks)
     try:
         for _, batch in zip(bar, itertools.cycle(batches)):
@@ -141,10 +202,13 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], mask
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             losses.append(float(loss.detach()))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
+        for h in hooks:
+            h.remove()
         handle.remove()
         teacher.train(teacher_mode)
     return losses

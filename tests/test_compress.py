@@ -1,5 +1,6 @@
-"""`fastdistill compress`: the pipeline on a tiny randomly initialised BERT built from a config here (a transformers
-directory and a sentence-transformers one), its checkpoint, its errors, and one run on the real all-MiniLM-L6-v2."""
+"""`fastdistill compress`: the pipeline on a tiny randomly initialised BERT built from a config (conftest.bert_dir, a
+transformers directory, and a sentence-transformers directory around it), its checkpoint, its errors, and one run
+on the real all-MiniLM-L6-v2."""
 import json
 import re
 import subprocess
@@ -10,27 +11,11 @@ import torch
 import torch.nn as nn
 
 import fastdistill
-from fastdistill.compress import compress, stdlib_sentences
+from fastdistill.compress import _sentence_cache, _stdlib_root, compress, stdlib_sentences
 
 
 def quiet(*_):
     pass
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    """A 2-layer BERT (hidden 64, K of every Linear a multiple of 4) with a word-level vocabulary of the stdlib
-    sentences' words, saved as a transformers model directory with its tokenizer."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-    path = tmp_path_factory.mktemp("tiny_bert")
-    words = sorted({w for s in sum(stdlib_sentences(), []) for w in re.findall(r"[a-z]+", s.lower())})
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizer(str(path / "vocab.txt")).save_pretrained(str(path))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertModel(config).eval().save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +96,13 @@ def test_sparsity_only_magnitude(bert_dir, tmp_path):
 def test_bad_options(bert_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=rf"^fastdistill\.compress: {re.escape(message)}"):
         compress(str(bert_dir), str(tmp_path), log=quiet, **kwargs)
+
+
+def test_stdlib_sentences_are_kept_on_disk():
+    train, held_out = stdlib_sentences()
+    assert len(train) >= 1024 and len(held_out) >= 1024 and not set(train) & set(held_out)
+    cache = _sentence_cache(_stdlib_root())
+    assert json.loads(cache.read_text()) == [train, held_out]
 
 
 def test_not_a_model(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastdistill
-from fastdistill.recover import embedding_loss, similarity_logits
+from fastdistill.recover import embedding_loss, hidden_state_loss, similarity_logits
 
 
 def raises(op, message):
@@ -97,6 +97,57 @@ def test_recover_embeddings_keeps_masks_and_gets_closer():
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in teacher_state.items())   # the teacher is untouched
     assert not any(p.grad is not None for p in dense.parameters())
     assert fastdistill.sparsify_(student) is student
+
+
+def test_hidden_state_loss_matches_fp64_formula():
+    s, t = torch.randn(37, 24, requires_grad=True), 3 * torch.randn(37, 24)
+    loss = hidden_state_loss(s, t)
+    ref_s = s.detach().double().requires_grad_()
+    ref = ((ref_s - t.double()) ** 2).sum() / (t.double() ** 2).sum()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    (loss * 0.37).backward()
+    (ref * 0.37).backward()
+    torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_recover_hidden_states_and_cosine_schedule():
+    """Matching the hidden layers adds hidden_weight x their mean hidden_state_loss to the first step's loss
+    (padding rows of a dict batch left out), and the cosine schedule's lr warms up and decays to 0."""
+    dense = mlp()
+    x = torch.randn(8, 5, 24)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:, 3:] = 0
+    batch = {"x": x, "attention_mask": mask}
+    forward = lambda m, b: m(b["x"]).mean(1)  # noqa: E731
+    student, masks = pruned_copy(dense, [x], method="magnitude")
+    pairs = {"1": "1", "3": "3"}
+    with torch.no_grad():
+        keep = mask.bool()
+        base = embedding_loss(forward(student, batch), forward(dense, batch))
+        hidden = sum(hidden_state_loss(student[:i + 1](x)[keep], dense[:i + 1](x)[keep]) for i in (1, 3)) / 2
+    first = fastdistill.recover(copy.deepcopy(student), dense, [batch], masks, steps=1, forward=forward,
+                                hidden_states=pairs, hidden_weight=0.5, progress=False)[0]
+    assert first == pytest.approx(float(base + 0.5 * hidden), rel=1e-5)
+    off = fastdistill.recover(copy.deepcopy(student), dense, [batch], masks, steps=1, forward=forward,
+                              hidden_states=pairs, hidden_weight=0.0, progress=False)[0]
+    assert off == pytest.approx(float(base), rel=1e-5)
+    lrs = []
+    orig_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **k)
+
+    torch.optim.AdamW.step = step
+    try:
+        fastdistill.recover(student, dense, [batch], masks, steps=40, forward=forward, lr=1e-3, schedule="cosine",
+                            progress=False)
+    finally:
+        torch.optim.AdamW.step = orig_step
+    assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)   # 2 warm-up steps (5% of 40)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 1e-5
+    for fqn, m in masks.items():
+        assert bool((student.get_submodule(fqn).weight[~m] == 0).all())
 
 
 def test_recover_logits_objective_is_kd_loss():
@@ -190,6 +241,12 @@ def test_errors():
         fastdistill.recover(student, dense, batches, masks, steps=1, lr=0)
     with raises("recover", "similarity_weight must be >= 0, got -1"):
         fastdistill.recover(student, dense, batches, masks, steps=1, similarity_weight=-1)
+    with raises("recover", "hidden_weight must be >= 0, got -1"):
+        fastdistill.recover(student, dense, batches, masks, steps=1, hidden_weight=-1)
+    with raises("recover", "schedule must be one of 'constant', 'cosine', got 'step'"):
+        fastdistill.recover(student, dense, batches, masks, steps=1, schedule="step")
+    with raises("recover", "hidden_states names a module the teacher does not have"):
+        fastdistill.recover(student, dense, batches, masks, steps=1, hidden_states={"1": "9"})
     with raises("recover", "objective 'causal_lm' needs model.get_output_embeddings"):
         fastdistill.recover(student, dense, batches, masks, steps=1, objective="causal_lm")
     with raises("apply_2_4_masks", "masks names 'nope', which is not a module of the model"):
