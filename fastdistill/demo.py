@@ -228,7 +228,8 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 30, quick: 
 
 
 # ----------------------------------------------------------------------------------------- MiniLM
-# The half-depth student's distillation (named apart from the digits demo's STUDENT_LR, which this once shadowed).
+# The half-depth student's distillation (named apart from the digits demo's STUDENT_LR, which this once shadowed) and
+# the 2:4 recovery, compress's default (AMD EPYC Zen 4, 2 idle cores: the whole demo in 108 s; 72 s with 50 + 50).
 MINILM_STUDENT_STEPS, MINILM_STUDENT_LR = 100, 3e-4
 
 
