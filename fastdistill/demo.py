@@ -222,7 +222,7 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 30, quick: 
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     if plot:
-        _plot(rows, os.path.join(out_dir, "demo.png"))
+        _plot(rows, os.path.join(out_dir, "demo.png"), "accuracy", "test accuracy", 256)
     log(f"  wrote {out_dir}/results.json" + (f" and {out_dir}/demo.png" if plot else ""))
     return result
 
@@ -338,7 +338,7 @@ def run_minilm(model_path=None, out_dir: str = "demo_out", *, n_calib: Optional[
               "stages": rows, "timings_s": timings}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     if plot:
-        _plot_minilm(rows, out / "demo.png")
+        _plot(rows, out / "demo.png", "mean_cosine", "mean cosine to the teacher", 32, 1e6, "bytes on disk (MB)")
     log(f"  wrote {out}/results.json" + (f" and {out}/demo.png" if plot else "") + f"; {timings['total_s']:.0f} s")
     return result
 
@@ -353,30 +353,6 @@ def print_minilm_table(result, log=print):
             f"{r['latency_b1_ms']:.2f} | {r['latency_b32_ms']:.2f} |")
 
 
-def _plot_minilm(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        a.scatter(r["bytes"] / 1e6, r["mean_cosine"])
-        a.annotate(r["stage"], (r["bytes"] / 1e6, r["mean_cosine"]), fontsize=8)
-    a.set_xlabel("bytes on disk (MB)")
-    a.set_ylabel("mean cosine to the teacher (held-out sentences)")
-    names = [r["stage"] for r in rows]
-    pos = range(len(rows))
-    b.barh([p - 0.2 for p in pos], [r["latency_b1_ms"] for r in rows], height=0.4, label="batch 1")
-    b.barh([p + 0.2 for p in pos], [r["latency_b32_ms"] for r in rows], height=0.4, label="batch 32")
-    b.set_yticks(list(pos), names, fontsize=8)
-    b.set_xlabel("CPU latency (ms)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------- digits
 def _is_2_4(model) -> bool:
     import fastdistill
@@ -389,7 +365,9 @@ def _is_2_4(model) -> bool:
     return True
 
 
-def _plot(rows, path):
+def _plot(rows, path, quality: str, quality_label: str, large_batch: int, size_unit: float = 1024,
+          size_label: str = "state_dict size (KiB)"):
+    """Quality against size on disk, and latency at batch 1 and `large_batch`, one point / bar pair per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,16 +375,17 @@ def _plot(rows, path):
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        a.scatter(r["bytes"] / 1024, r["accuracy"])
-        a.annotate(r["stage"], (r["bytes"] / 1024, r["accuracy"]), fontsize=8)
+        a.scatter(r["bytes"] / size_unit, r[quality])
+        a.annotate(r["stage"], (r["bytes"] / size_unit, r[quality]), fontsize=8)
     a.set_xscale("log")
-    a.set_xlabel("state_dict size (KiB)")
-    a.set_ylabel("test accuracy")
-    a.set_title("accuracy vs size")
+    a.set_xlabel(size_label)
+    a.set_ylabel(quality_label)
+    a.set_title(f"{quality_label} vs size")
     names = [r["stage"] for r in rows]
     pos = range(len(rows))
     b.barh([p - 0.2 for p in pos], [r["latency_b1_ms"] for r in rows], height=0.4, label="batch 1")
-    b.barh([p + 0.2 for p in pos], [r["latency_b256_ms"] for r in rows], height=0.4, label="batch 256")
+    b.barh([p + 0.2 for p in pos], [r[f"latency_b{large_batch}_ms"] for r in rows], height=0.4,
+           label=f"batch {large_batch}")
     b.set_yticks(list(pos), names, fontsize=8)
     b.set_xlabel("CPU latency (ms)")
     b.set_title("latency per stage")
