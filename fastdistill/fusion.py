@@ -13,8 +13,8 @@ torch.compile run the same fused modules).
   with its three calls self.query(x), self.key(x), self.value(x) (each exactly once, on the forward's first input)
   replaced by the parts of one `self.qkv(x)` at its start; everything else (attention interface, cache) is
   transformers' code as installed.
-- FFN (an `*Intermediate` module: `dense` an Int8Linear (dynamic), `intermediate_act_fn` a GELU (erf or tanh form)
-  or ReLU): the activation moves into the GEMM's epilogue (Int8Linear.activation) and the module's activation
+- FFN (an `*Intermediate` module: `dense` an Int8Linear (dynamic), `intermediate_act_fn` a GELU (erf or tanh form),
+  ReLU or ReLU6): the activation moves into the GEMM's epilogue (Int8Linear.activation) and the module's activation
   becomes the identity. The epilogue's GELU is fastdistill's fp32 one, not PyTorch's (a few fp32 units apart), so
   the model is not bit for bit the unfused one: a unit in the last place can flip an int8 rounding of the next
   layer's quantized input. It is as faithful to the float model (tests/test_int8_fusion.py compares both with it).
@@ -192,8 +192,8 @@ def _fuse_attention(mod: nn.Module) -> bool:
 def _epilogue_activation(act: nn.Module) -> Optional[str]:
     if type(act) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if type(act) is nn.ReLU:
-        return "relu"
+    if type(act) in (nn.ReLU, nn.ReLU6):
+        return "relu" if type(act) is nn.ReLU else "relu6"
     if type(act).__module__.startswith("transformers."):
         return _ACTIVATIONS.get(type(act).__name__)
     return None

@@ -177,6 +177,18 @@ def _hidden(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
+@pytest.mark.parametrize("hidden_act", ["relu", "relu6"])
+def test_bert_relu_ffn_fused_is_exact(hidden_act):
+    """ReLU and ReLU6 in the epilogue round as torch's do on the same fp32 value: the fused model is bit for bit."""
+    base = _bert(hidden_act=hidden_act)
+    unfused = quantize_(copy.deepcopy(base))
+    fused = quantize_(copy.deepcopy(base), fuse=True)
+    assert [mod.activation for mod in fused.modules() if isinstance(mod, Int8Linear) and mod.activation != "none"] \
+        == [hidden_act, hidden_act]
+    ids, mask = _inputs(2, 9)
+    assert torch.equal(_hidden(fused, ids, mask), _hidden(unfused, ids, mask))
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_bert_fused_equals_unfused(attn):
     base = _bert(attn_implementation=attn)
