@@ -64,7 +64,7 @@ def convert_modules(model: nn.Module, conversion: str, filter_fn: FilterFn = Non
 _ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
-def _called_once(model: nn.Module) -> Dict[str, nn.Module]:
+def called_once(model: nn.Module) -> Dict[str, nn.Module]:
     """fqn -> module for the modules that appear once in the module tree (a module reachable under two names could
     be called from two places)."""
     seen: Dict[int, int] = {}
@@ -79,7 +79,7 @@ def conv_chains(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str
     tracing the forward with torch.fx, so only data flow counts (a module called twice, an output read twice, is no
     chain). A model torch.fx cannot trace falls back to the consecutive children of its nn.Sequential containers,
     whose forward is that chain by definition."""
-    once = _called_once(model)
+    once = called_once(model)
     try:
         from torch import fx
         graph = fx.symbolic_trace(model).graph

@@ -29,12 +29,13 @@ import inspect
 import operator
 import sys
 import textwrap
-from typing import Dict, Optional
+from typing import Dict, Optional, Set
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fastdistill.convert import called_once
 from fastdistill.quant import Int8Conv2d, Int8Linear
 from fastdistill.sparse.modules import SparseInt8Linear
 
@@ -272,7 +273,7 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def _fuse_block(block: nn.Module, once: Dict[int, bool]) -> Optional[fx.GraphModule]:
+def _fuse_block(block: nn.Module, once: Set[int]) -> Optional[fx.GraphModule]:
     """The block rewritten with its convs' residual adds and activations in their epilogues, or None if nothing
     fuses (or torch.fx cannot trace it)."""
     try:
@@ -293,7 +294,7 @@ def _fuse_block(block: nn.Module, once: Dict[int, bool]) -> Optional[fx.GraphMod
                 or conv_node.kwargs:
             continue
         conv = block.get_submodule(conv_node.target)
-        if type(conv) is not Int8Conv2d or conv.activation != "none" or not once.get(id(conv), False):
+        if type(conv) is not Int8Conv2d or conv.activation != "none" or id(conv) not in once:
             continue
         add = _only_user(conv_node)
         if add is not None and add.op == "call_function" and add.target in _RESIDUAL_ADDS and not add.kwargs \
@@ -328,13 +329,10 @@ def fuse_conv_blocks_(model: nn.Module) -> int:
     """Fuse residual adds (and the activation after them) and the remaining conv activations of the blocks below
     `model` into their Int8Conv2d epilogues, in place (the model itself is not rewritten, only its descendants);
     returns how many blocks were rewritten."""
-    counts: Dict[int, int] = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        counts[id(mod)] = counts.get(id(mod), 0) + 1
-    once = {key: n == 1 for key, n in counts.items()}
+    once = {id(mod) for mod in called_once(model).values()}
     rewritten = 0
     for fqn, block in reversed(list(model.named_modules())):
-        if not fqn or not _has_direct_conv(block) or once.get(id(block)) is not True:
+        if not fqn or not _has_direct_conv(block) or id(block) not in once:
             continue
         new = _fuse_block(block, once)
         if new is not None:
