@@ -61,7 +61,8 @@ def convert_modules(model: nn.Module, conversion: str, filter_fn: FilterFn = Non
 
 
 # ---------------------------------------------------------------- convolution chains (BatchNorm folding, fusions)
-_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+# torch's activation modules an int8 epilogue (linear and conv) applies, by the op's activation name.
+EPILOGUE_RELUS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 def called_once(model: nn.Module) -> Dict[str, nn.Module]:
@@ -107,7 +108,7 @@ def conv_chains(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str
                 or type(once[node.target]) is not nn.Conv2d):
             continue
         bn = single(node, (nn.BatchNorm2d,))
-        act = single(bn if bn is not None else node, tuple(_ACTIVATIONS))
+        act = single(bn if bn is not None else node, tuple(EPILOGUE_RELUS))
         chains[node.target] = (bn.target if bn is not None else None, act.target if act is not None else None)
     return chains
 
@@ -126,7 +127,7 @@ def _sequential_chains(model, once):
             j = i + 1
             if j < len(children) and type(children[j][1]) is nn.BatchNorm2d:
                 bn, j = (f"{fqn}.{children[j][0]}" if fqn else children[j][0]), j + 1
-            if j < len(children) and type(children[j][1]) in _ACTIVATIONS:
+            if j < len(children) and type(children[j][1]) in EPILOGUE_RELUS:
                 act = f"{fqn}.{children[j][0]}" if fqn else children[j][0]
             chains[full] = (bn if bn in once else None, act if act in once else None)
     return chains

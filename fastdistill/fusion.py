@@ -1,5 +1,6 @@
-"""Model-level int8 fusions for transformers BERT-style encoders: `quantize_(model, fuse=True)`, or fuse_int8_(model)
-on a model quantize_ (and sparsify_ + quantize_) already converted.
+"""Model-level int8 fusions. For transformers BERT-style encoders: `quantize_(model, fuse=True)`, or fuse_int8_(model)
+on a model quantize_ (and sparsify_ + quantize_) already converted. For CNNs: fuse_conv_blocks_ (the section at the
+end), which quantize_ applies to eval-mode models with convs.
 
 Mechanism: a module rewrite, after conversion, on the model as transformers built it (no compile pass, so eager and
 torch.compile run the same fused modules).
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fastdistill.convert import called_once
+from fastdistill.convert import EPILOGUE_RELUS, called_once
 from fastdistill.quant import Int8Conv2d, Int8Linear
 from fastdistill.sparse.modules import SparseInt8Linear
 
@@ -193,8 +194,8 @@ def _fuse_attention(mod: nn.Module) -> bool:
 def _epilogue_activation(act: nn.Module) -> Optional[str]:
     if type(act) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if type(act) in (nn.ReLU, nn.ReLU6):
-        return "relu" if type(act) is nn.ReLU else "relu6"
+    if type(act) in EPILOGUE_RELUS:
+        return EPILOGUE_RELUS[type(act)]
     if type(act).__module__.startswith("transformers."):
         return _ACTIVATIONS.get(type(act).__name__)
     return None
@@ -261,8 +262,8 @@ def _has_direct_conv(block: nn.Module) -> bool:
 
 def _activation_of(node: fx.Node, block: nn.Module) -> Optional[str]:
     """'relu' / 'relu6' if node applies one to its only input (a module call or a function), else None."""
-    if node.op == "call_module" and type(block.get_submodule(node.target)) in (nn.ReLU, nn.ReLU6):
-        return "relu6" if type(block.get_submodule(node.target)) is nn.ReLU6 else "relu"
+    if node.op == "call_module":
+        return EPILOGUE_RELUS.get(type(block.get_submodule(node.target)))
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS and len(node.args) == 1:
         return _RELU_FUNCTIONS[node.target]
     return None

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from fastdistill import ops
-from fastdistill.convert import (CannotConvert, FilterFn, conv_chains, convert_modules, fold_batchnorm_,
+from fastdistill.convert import (EPILOGUE_RELUS, CannotConvert, FilterFn, conv_chains, convert_modules, fold_batchnorm_,
                                  register_converter, replace_module)
 
 _MODES = ("dynamic", "weight_only")
@@ -397,7 +397,7 @@ def quantize_(model: nn.Module, mode: str = "dynamic", filter_fn: FilterFn = Non
             uncalibrated.append(fqn or "<model>")
         bn, act = chains.get(fqn, (None, None))
         if act is not None and (bn is None or type(result.get_submodule(bn)) is nn.Identity):
-            mod.activation = "relu6" if type(result.get_submodule(act)) is nn.ReLU6 else "relu"
+            mod.activation = EPILOGUE_RELUS[type(result.get_submodule(act))]
             replace_module(result, act, nn.Identity())
     if not model.training:
         from fastdistill.fusion import fuse_conv_blocks_
