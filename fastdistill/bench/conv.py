@@ -64,7 +64,8 @@ def fbgemm_int8(model: nn.Module, calibration_batches) -> nn.Module:
 
 def onnxruntime_int8(model: nn.Module, calibration_batches, workdir: Path):
     """ONNX Runtime static int8 (QDQ, per-channel symmetric int8 weights, uint8 activations) of the fp32 model,
-    calibrated on the same batches: a callable x -> logits (fp32 torch)."""
+    calibrated on the same batches: a callable x -> logits (fp32 torch). The files in workdir are only read while
+    the session is built."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -135,7 +136,8 @@ def cases(quick: bool = False, device: str = "cpu"):
         calibration = [images(per_batch, seed, size) for seed in range(n_batches)]
         ours, fbgemm = fastdistill_int8(model, calibration), fbgemm_int8(model, calibration)
         try:
-            ort_int8 = onnxruntime_int8(model, calibration, Path(tempfile.mkdtemp(prefix="fastdistill_conv_")))
+            with tempfile.TemporaryDirectory(prefix="fastdistill_conv_") as workdir:
+                ort_int8 = onnxruntime_int8(model, calibration, Path(workdir))
         except ImportError:
             ort_int8 = None
         x = images(batch, 100, size)
